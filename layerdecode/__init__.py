@@ -1,0 +1,1 @@
+"""layerdecode: decode each token from the decoder layer a pluggable strategy picks."""
