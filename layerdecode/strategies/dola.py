@@ -1,0 +1,136 @@
+"""``dola``: DoLa, Decoding by Contrasting Layers (Chuang et al., ICLR 2024).
+
+Semantics follow Hugging Face transformers' ``dola_layers`` decoding, so settings carry
+over: ``layers`` uses HF's numbering (0 = embedding output, i = output of the i-th decoder
+layer counting from 1); among the candidate premature layers the one with the largest
+Jensen-Shannon divergence from the final layer is chosen; tokens outside the final layer's
+relative-top set are masked; the output is ``log_softmax(final) - log_softmax(premature)``.
+One difference: HF averages the divergence over the batch and picks one premature layer
+for all rows; layerdecode picks it per row (identical for a single prompt).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import mlx.core as mx
+from pydantic import Field, field_validator
+
+from ..errors import ConfigError
+from ..strategy import Decision, ModelFacts, Strategy, StrategyParams
+from ..view import EMBEDDINGS, Exit, LayerView
+
+
+class DoLaParams(StrategyParams):
+    layers: Literal["high", "low"] | list[int] = Field(
+        "high",
+        description="Candidate premature layers: 'high', 'low' or a list, in HF's numbering "
+        "(0 = embedding output, i = output of decoder layer i counting from 1).",
+    )
+    relative_top: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Keep only tokens whose final-layer probability is at least this share "
+        "of the top token's.",
+    )
+    premature_norm: bool = Field(
+        False,
+        description="Decode premature layers through the final norm (HF applies the head to "
+        "the raw hidden state).",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one premature layer")
+        return value
+
+
+def candidate_layers(spec, num_layers: int, tied_embeddings: bool) -> list[int]:
+    """HF's candidate premature layers (HF numbering) for a model of ``num_layers`` layers."""
+    n = num_layers
+    if isinstance(spec, list):
+        bad = [i for i in spec if not 0 <= i < n]
+        if bad:
+            raise ConfigError(
+                f"dola: premature layers {bad} are out of range; in HF numbering a model with "
+                f"{n} decoder layers has premature layers 0..{n - 1} (0 = embedding output)."
+            )
+        return sorted(set(spec), key=spec.index)
+    if not tied_embeddings:
+        start = 0
+    elif n > 2:
+        start = 2
+    elif n == 2:
+        start = 1
+    else:
+        start = 0
+    if spec == "low":
+        if start == n // 2:
+            return [start]
+        return list(range(start, n // 2, 2)) if n <= 40 else list(range(start, 20, 2))
+    return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+
+
+def _log_softmax(x: mx.array) -> mx.array:
+    x = x.astype(mx.float32)
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+class DoLaStrategy(Strategy):
+    name = "dola"
+    description = "DoLa: contrast the final layer with the most divergent earlier layer (HF)."
+    Params = DoLaParams
+
+    def prepare(self, model: ModelFacts) -> None:
+        super().prepare(model)
+        hf_layers = candidate_layers(self.params.layers, model.num_layers, model.tied_embeddings)
+        if not hf_layers:
+            raise ConfigError(
+                f"dola: layers={self.params.layers!r} selects no premature layer for a model "
+                f"with {model.num_layers} decoder layers; list the layers explicitly."
+            )
+        # HF index i is the output of decoder layer i - 1 (0-based); 0 is the embeddings.
+        self.premature = [i - 1 if i > 0 else EMBEDDINGS for i in hf_layers]
+
+    def exits(self) -> list[Exit]:
+        norm = self.params.premature_norm
+        return [Exit(layer, norm=norm) for layer in self.premature] + [
+            Exit(self.model.num_layers - 1)
+        ]
+
+    def select(self, view: LayerView) -> Decision:
+        norm = self.params.premature_norm
+        final_lp = _log_softmax(view.final_logits)
+        if len(self.premature) == 1:
+            chosen = mx.zeros((view.batch_size,), dtype=mx.int32)
+            base_lp = _log_softmax(view.logits(self.premature[0], norm=norm))
+        else:
+            premature_lp = _log_softmax(view.stack_logits(self.premature, norm=norm))
+            chosen = mx.argmax(self._js_divergence(final_lp, premature_lp), axis=0)
+            chosen = chosen.astype(mx.int32)
+            base_lp = mx.take_along_axis(premature_lp, chosen[None, :, None], axis=0)[0]
+        # Relative-top plausibility: keep tokens within relative_top of the best one.
+        threshold = mx.max(final_lp, axis=-1, keepdims=True) + math.log(self.params.relative_top)
+        logits = mx.where(final_lp < threshold, -mx.inf, final_lp - base_lp)
+        final = view.final_layer
+        return Decision(
+            logits=logits,
+            layers=mx.full((view.batch_size,), final, dtype=mx.int32),
+            entropy=view.entropy(final),
+            extras={"premature_layer": mx.array(self.premature, dtype=mx.int32)[chosen]},
+        )
+
+    @staticmethod
+    def _js_divergence(final_lp: mx.array, premature_lp: mx.array) -> mx.array:
+        """HF's JS divergence ``(K, batch)``: KL(M||final) and KL(M||premature), vocab-mean."""
+        mixture = 0.5 * (mx.exp(final_lp)[None] + mx.exp(premature_lp))
+        log_mixture = mx.log(mixture)
+
+        def kl_to(lp):  # torch's kl_div(lp, M): M * (log M - lp), with 0 where M == 0
+            return mx.mean(mx.where(mixture > 0, mixture * (log_mixture - lp), 0.0), axis=-1)
+
+        return 0.5 * (kl_to(final_lp[None]) + kl_to(premature_lp))

@@ -1,0 +1,122 @@
+"""The strategy protocol: what every exit-layer policy implements.
+
+A strategy is created once from validated params, ``prepare``-d once per generation
+(when the number of layers is known) and asked to ``select`` at every step. ``select``
+must build its result from vectorised ``mx`` ops only: no ``.item()``, no ``tolist()``,
+no Python branching on array values, so the core loop keeps its asynchronous pipelining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import mlx.core as mx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+from .view import Exit, LayerView
+
+
+class StrategyParams(BaseModel):
+    """Base class of every strategy's parameter schema: strict, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass
+class Decision:
+    """What a strategy returns for one step.
+
+    Attributes:
+        logits: ``(batch, vocab)`` logits to sample from (processors and sampler follow).
+        layers: ``(batch,)`` integer 0-based decoder layer each row was decoded from.
+        entropy: ``(batch,)`` entropy in nats of that layer's own distribution.
+        extras: further ``(batch,)`` arrays to report per token (e.g. DoLa's premature layer).
+    """
+
+    logits: mx.array
+    layers: mx.array
+    entropy: mx.array
+    extras: dict[str, mx.array] = field(default_factory=dict)
+
+
+def format_validation_error(strategy: str, error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown parameter '{where}'")
+        else:
+            parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return f"Invalid params for strategy '{strategy}': " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a strategy may know about the model it decodes.
+
+    Attributes:
+        num_layers: number of decoder layers (the final one is ``num_layers - 1``).
+        tied_embeddings: whether the output head is the tied input embedding matrix.
+        model_type: the mlx-lm ``model_type``.
+    """
+
+    num_layers: int
+    tied_embeddings: bool = False
+    model_type: str = ""
+
+
+class Strategy:
+    """Base class of exit-layer strategies.
+
+    Subclasses set ``name``, ``description`` and ``Params`` (a :class:`StrategyParams`
+    subclass whose field descriptions document each parameter), and implement
+    :meth:`exits` and :meth:`select`. ``prepare`` may be extended to check params against
+    the model's depth and to reset per-generation state.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(self.name, e)) from None
+        self.model: ModelFacts | None = None
+
+    def resolved_params(self) -> dict[str, Any]:
+        """The params with defaults filled in, as plain JSON-able values."""
+        return self.params.model_dump(mode="json")
+
+    def prepare(self, model: ModelFacts) -> None:
+        """Bind to a model; called before each generation. Check depth-dependent params here."""
+        self.model = model
+
+    def exits(self) -> Sequence[Exit]:
+        """The exits ``select`` may read (decoded together, once per step)."""
+        return ()
+
+    def select(self, view: LayerView) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.resolved_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+def final_layer_decision(view: LayerView) -> Decision:
+    """Decode every row from the model's own output."""
+    final = view.final_layer
+    return Decision(
+        logits=view.final_logits,
+        layers=mx.full((view.batch_size,), final, dtype=mx.int32),
+        entropy=view.entropy(final),
+    )
+
+
+def params_summary(strategy: Strategy) -> Mapping[str, Any]:
+    return {"name": strategy.name, "params": strategy.resolved_params()}
