@@ -1,0 +1,1 @@
+"""Model-independent half of ``layerdecode eval``: tasks, results store and statistics."""

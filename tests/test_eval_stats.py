@@ -1,0 +1,113 @@
+"""Statistics: Wilson intervals, exact McNemar, the summary, its table and its plot."""
+
+from __future__ import annotations
+
+import json
+import struct
+from datetime import datetime, timezone
+
+import pytest
+from rich.console import Console
+
+from layerdecode.eval.records import EvalRecord
+from layerdecode.eval.stats import (
+    figure_size,
+    mcnemar_exact,
+    plot_summary,
+    render_summary,
+    summarize,
+    wilson_interval,
+)
+
+
+def record(item: int, strategy: str, correct: bool, layers=(3, 3), hit=False, tps=10.0):
+    stamp = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    return EvalRecord(
+        item_id=str(item),
+        strategy=strategy,
+        prompt="Q",
+        output="The answer is 1.",
+        extracted="1",
+        gold="1",
+        correct=correct,
+        n_tokens=len(layers),
+        tokens_per_sec=tps,
+        hit_token_limit=hit,
+        layers=list(layers),
+        final_layer=3,
+        started_at=stamp,
+        finished_at=stamp,
+    )
+
+
+def test_wilson_interval_hand_computed():
+    # p = 0.8, n = 10, z = 1.96: centre 0.71675, half-width 0.22658.
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.49016, abs=1e-4) and high == pytest.approx(0.94333, abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.27753, abs=1e-4)
+    assert wilson_interval(5, 5)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(1, 0)
+
+
+def test_mcnemar_exact_hand_computed():
+    assert mcnemar_exact(1, 8) == pytest.approx(2 * (1 + 9) / 2**9)  # 0.0390625
+    assert mcnemar_exact(8, 1) == 0.0390625
+    assert mcnemar_exact(0, 5) == 0.0625
+    assert mcnemar_exact(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+def _records():
+    rows = []
+    # 10 items; baseline right on 0-4, "dola" right on 0-3 and 5-9 (1 loss, 5 wins).
+    for i in range(10):
+        rows.append(record(i, "final", i < 5, layers=(3, 3, 3), tps=20.0))
+        rows.append(record(i, "dola", i != 4, layers=(3, 1, 2, 3), hit=i == 9, tps=10.0))
+    rows.append(record(10, "dola", True))  # unpaired: counts for accuracy only
+    rows.append(record(0, "ignored", True))
+    return rows
+
+
+def test_summarize():
+    summary = summarize(_records(), ["final", "dola"])
+    final, dola = summary.strategies
+    assert (final.n, final.correct, final.accuracy) == (10, 5, 0.5)
+    assert (dola.n, dola.correct) == (11, 10)
+    assert final.share_non_final == 0.0 and final.layer_histogram == {3: 30}
+    assert dola.layer_histogram == {1: 10, 2: 10, 3: 22}
+    assert dola.share_non_final == pytest.approx(20 / 42)
+    assert dola.mean_depth_below_final == pytest.approx((10 * 2 + 10 * 1) / 42)
+    assert dola.hit_token_limit == 1 and dola.hit_token_limit_share == pytest.approx(1 / 11)
+    assert final.mean_tokens_per_sec == 20.0
+    (comparison,) = summary.comparisons
+    assert (comparison.n_paired, comparison.wins, comparison.losses) == (10, 5, 1)
+    assert (comparison.ties_correct, comparison.ties_wrong) == (4, 0)
+    assert comparison.p_value == pytest.approx(mcnemar_exact(5, 1))
+    assert summary.baseline == "final" and summary.n_items == 11
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["strategies"][1]["layer_histogram"] == {"1": 10, "2": 10, "3": 22}
+    # Default order: first appearance; a strategy without records has n = 0.
+    assert [s.name for s in summarize(_records()).strategies] == ["final", "dola", "ignored"]
+    empty = summarize([], ["final"]).strategies[0]
+    assert empty.n == 0 and empty.accuracy is None
+
+
+def test_render_summary():
+    console = Console(width=200, record=True)
+    console.print(render_summary(summarize(_records(), ["final", "dola"])))
+    text = console.export_text()
+    assert "50.0% (23.7%-76.3%)" in text
+    assert "5/1/4" in text and "baseline" in text
+
+
+def test_plot_writes_png(tmp_path):
+    summary = summarize(_records(), ["final", "dola"])
+    path = plot_summary(summary, tmp_path / "summary.png", title="gsm8k")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    expected = figure_size(2)
+    assert (width, height) == (round(expected[0] * 100), round(expected[1] * 100))
