@@ -1,0 +1,363 @@
+"""Every built-in strategy against an independent numpy reference on small random logits.
+
+The view is built over an identity "head", so each layer's hidden state *is* its logits and
+the references below work on plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from layerdecode.adapters import Adapter
+from layerdecode.errors import ConfigError
+from layerdecode.registry import get_strategy
+from layerdecode.strategy import ModelFacts
+from layerdecode.taps import Capture
+from layerdecode.view import LayerView
+
+CONFIDENT_METHODS = [
+    "trough",
+    "trough-m1",
+    "trough-m2",
+    "trough-p1",
+    "trough-p2",
+    "last-m1",
+    "last-m2",
+    "last-m4",
+    "last-m8",
+]
+
+
+def identity_adapter(num_layers: int, *, norm=lambda h: h) -> Adapter:
+    return Adapter(
+        model_type="test",
+        layers=[None] * num_layers,
+        norm=norm,
+        head=lambda h: h,
+        transform=None,
+        tied_embeddings=True,
+    )
+
+
+def run(strategy, layer_logits: np.ndarray, embeddings: np.ndarray | None = None, **facts):
+    """Apply ``strategy`` to per-layer logits ``(layers, batch, vocab)``."""
+    num_layers = layer_logits.shape[0]
+    strategy.prepare(ModelFacts(num_layers, facts.get("tied", True), "test"))
+    capture = Capture(num_layers)
+    capture.outputs = [mx.array(layer_logits[i][:, None, :]) for i in range(num_layers)]
+    if embeddings is not None:
+        capture.embeddings = mx.array(embeddings[:, None, :])
+    view = LayerView(
+        identity_adapter(num_layers), capture, mx.array(layer_logits[-1]), strategy.exits()
+    )
+    decision = strategy.select(view)
+    mx.eval(decision.logits, decision.layers, decision.entropy, *decision.extras.values())
+    return decision
+
+
+def np_log_softmax(x):
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def np_entropy(x):
+    lp = np_log_softmax(x)
+    return -(np.exp(lp) * lp).sum(-1)
+
+
+# -- confident -------------------------------------------------------------------------
+
+
+def confident_reference(layer_logits, window, method, n_total=None):
+    """Loop-based walk, written from the paper's description of the rule."""
+    n = layer_logits.shape[0]
+    count = min(n, window)
+    first = n - count
+    batch = layer_logits.shape[1]
+    chosen = []
+    for row in range(batch):
+        if method.startswith("last-m"):
+            target = n - 1 - int(method[len("last-m") :])
+            chosen.append(min(max(target, first), n - 1))
+            continue
+        ent = [np_entropy(layer_logits[layer, row]) for layer in range(n)]
+        layer = n - 1
+        while layer - 1 >= first and ent[layer - 1] < ent[layer]:
+            layer -= 1
+        shift = {"trough": 0, "trough-m1": -1, "trough-m2": -2, "trough-p1": 1, "trough-p2": 2}[
+            method
+        ]
+        chosen.append(min(max(layer + shift, first), n - 1))
+    return np.array(chosen)
+
+
+@pytest.mark.parametrize("method", CONFIDENT_METHODS)
+@pytest.mark.parametrize("window", [1, 3, 10, 50])
+def test_confident_matches_reference(method, window):
+    rng = np.random.default_rng(window * 31 + len(method))
+    # Random temperatures per layer and row give varied entropy profiles.
+    layer_logits = rng.normal(size=(12, 16, 40)) * rng.uniform(0.2, 4.0, size=(12, 16, 1))
+    layer_logits = layer_logits.astype(np.float32)
+    decision = run(get_strategy("confident", window=window, method=method), layer_logits)
+    expected = confident_reference(layer_logits, window, method)
+    np.testing.assert_array_equal(np.array(decision.layers), expected)
+    rows = np.arange(layer_logits.shape[1])
+    np.testing.assert_array_equal(np.array(decision.logits), layer_logits[expected, rows])
+    np.testing.assert_allclose(
+        np.array(decision.entropy),
+        np_entropy(layer_logits[expected, rows]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def profile_logits(entropy_order, vocab=8):
+    """Logits per layer whose entropies follow ``entropy_order`` (higher value = flatter)."""
+    out = []
+    for level in entropy_order:
+        logits = np.zeros(vocab, dtype=np.float32)
+        logits[0] = 8.0 - level  # the larger the level, the flatter the distribution
+        out.append(logits)
+    return np.stack(out)
+
+
+def test_confident_rows_choose_different_layers():
+    # Row 0: entropy falls from the final layer down to layer 3 then rises: valley at 3.
+    # Row 1: entropy rises right below the final layer: stays final.
+    # Row 2: the global minimum is at layer 0, but a bump at layer 4 stops the walk at 5.
+    rows = [
+        profile_logits([5, 4, 3, 0, 1, 2, 3, 4]),
+        profile_logits([0, 0, 0, 0, 0, 0, 5, 4]),
+        profile_logits([-9, 5, 5, 5, 6, 1, 2, 3]),
+    ]
+    layer_logits = np.stack(rows, axis=1)  # (layers, batch, vocab)
+    decision = run(get_strategy("confident", window=8), layer_logits)
+    assert np.array(decision.layers).tolist() == [3, 7, 5]
+
+
+def test_confident_ties_stop_the_walk():
+    # Equal entropy is not a strict decrease: the walk stops at the final layer.
+    layer_logits = np.stack([profile_logits([2, 2, 2, 2])], axis=1)
+    decision = run(get_strategy("confident", window=4), layer_logits)
+    assert np.array(decision.layers).tolist() == [3]
+    # A tie further down stops the walk there.
+    layer_logits = np.stack([profile_logits([0, 1, 1, 2])], axis=1)
+    decision = run(get_strategy("confident", window=4), layer_logits)
+    assert np.array(decision.layers).tolist() == [2]
+
+
+def test_confident_window_larger_than_model_and_ratio():
+    layer_logits = np.stack([profile_logits([0, 1, 2, 3, 4])], axis=1)
+    assert np.array(run(get_strategy("confident", window=100), layer_logits).layers).tolist() == [0]
+    # ratio 0.4 of 5 layers -> ceil(2) candidates: layers 3 and 4.
+    decision = run(get_strategy("confident", window_ratio=0.4), layer_logits)
+    assert np.array(decision.layers).tolist() == [3]
+
+
+def test_confident_p0_is_final_and_p1_is_selected():
+    rng = np.random.default_rng(0)
+    layer_logits = (rng.normal(size=(10, 64, 30)) * rng.uniform(0.2, 4, (10, 64, 1))).astype(
+        np.float32
+    )
+    final = run(get_strategy("confident", window=10, p=0.0), layer_logits)
+    assert np.array(final.layers).tolist() == [9] * 64
+    np.testing.assert_array_equal(np.array(final.logits), layer_logits[-1])
+    selected = run(get_strategy("confident", window=10, p=1.0), layer_logits)
+    expected = confident_reference(layer_logits, 10, "trough")
+    np.testing.assert_array_equal(np.array(selected.layers), expected)
+    assert (expected != 9).any()
+
+
+def test_confident_p_mixing_is_seeded_and_per_row():
+    rng = np.random.default_rng(1)
+    layer_logits = (rng.normal(size=(6, 4000, 12)) * rng.uniform(0.1, 6, (6, 4000, 1))).astype(
+        np.float32
+    )
+    selected = confident_reference(layer_logits, 6, "trough")
+    movable = selected != 5
+    a = np.array(run(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
+    b = np.array(run(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
+    c = np.array(run(get_strategy("confident", window=6, p=0.3, seed=8), layer_logits).layers)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    # Each row is either its selected layer or the final one...
+    assert np.all((a == selected) | (a == 5))
+    # ...and about 30% of the rows that could move did.
+    share = (a[movable] == selected[movable]).mean()
+    assert abs(share - 0.3) < 0.05
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"window": 0}, "window"),
+        ({"window": "10"}, "window"),
+        ({"p": 1.5}, "p:"),
+        ({"p": -0.1}, "p:"),
+        ({"method": "valley"}, "method"),
+        ({"window": 4, "window_ratio": 0.5}, "either window or window_ratio"),
+        ({"window_ratio": 0.0}, "window_ratio"),
+        ({"windw": 4}, "unknown parameter 'windw'"),
+    ],
+)
+def test_confident_rejects_bad_params(params, message):
+    with pytest.raises(ConfigError) as err:
+        get_strategy("confident", **params)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# -- fixed -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer, expected", [(0, 0), (3, 3), (-1, 7), (-8, 0), (-3, 5)])
+def test_fixed_layer(layer, expected):
+    rng = np.random.default_rng(layer + 10)
+    layer_logits = rng.normal(size=(8, 3, 20)).astype(np.float32)
+    decision = run(get_strategy("fixed", layer=layer), layer_logits)
+    assert np.array(decision.layers).tolist() == [expected] * 3
+    np.testing.assert_array_equal(np.array(decision.logits), layer_logits[expected])
+    np.testing.assert_allclose(
+        np.array(decision.entropy), np_entropy(layer_logits[expected]), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("layer", [8, -9, 100])
+def test_fixed_out_of_range(layer):
+    strategy = get_strategy("fixed", layer=layer)
+    with pytest.raises(ConfigError, match="out of range for a model with 8 decoder layers"):
+        strategy.prepare(ModelFacts(8))
+
+
+def test_final_is_the_models_output():
+    rng = np.random.default_rng(3)
+    layer_logits = rng.normal(size=(5, 2, 20)).astype(np.float32)
+    decision = run(get_strategy("final"), layer_logits)
+    np.testing.assert_array_equal(np.array(decision.logits), layer_logits[-1])
+    assert np.array(decision.layers).tolist() == [4, 4]
+    with pytest.raises(ConfigError, match="unknown parameter 'layer'"):
+        get_strategy("final", layer=3)
+
+
+# -- dola ------------------------------------------------------------------------------
+
+
+def hf_candidates(spec, n, tied):
+    """HF transformers' candidate premature layers, restated from its documentation."""
+    start = 0 if not tied else (2 if n > 2 else (1 if n == 2 else 0))
+    if spec == "low":
+        if start == n // 2:
+            return [start]
+        return list(range(start, n // 2, 2)) if n <= 40 else list(range(start, 20, 2))
+    if spec == "high":
+        return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+    return list(spec)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 30, 40, 41, 64])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("spec", ["high", "low"])
+def test_dola_candidate_layers_follow_hf(n, tied, spec):
+    from layerdecode.strategies.dola import candidate_layers
+
+    expected = hf_candidates(spec, n, tied)
+    if not expected:
+        strategy = get_strategy("dola", layers=spec)
+        with pytest.raises(ConfigError, match="selects no premature layer"):
+            strategy.prepare(ModelFacts(n, tied))
+        return
+    assert candidate_layers(spec, n, tied) == expected
+    # Spot values: 30 tied layers -> high 15..29 step 2, low 2..14 step 2.
+    if n == 30 and tied:
+        assert expected == (list(range(15, 30, 2)) if spec == "high" else list(range(2, 15, 2)))
+
+
+def dola_reference(final, premature, relative_top=0.1):
+    """Numpy DoLa for one row: HF's JS selection (vocab-mean) and relative-top mask."""
+    lf = np_log_softmax(final)
+    js = []
+    for p in premature:
+        lp = np_log_softmax(p)
+        m = 0.5 * (np.exp(lf) + np.exp(lp))
+        kl1 = np.mean(m * (np.log(m) - lf))
+        kl2 = np.mean(m * (np.log(m) - lp))
+        js.append(0.5 * (kl1 + kl2))
+    best = int(np.argmax(js))
+    lb = np_log_softmax(premature[best])
+    out = lf - lb
+    out[lf < lf.max() + math.log(relative_top)] = -np.inf
+    return out, best
+
+
+@pytest.mark.parametrize("premature_norm", [False, True])
+def test_dola_matches_reference(premature_norm):
+    rng = np.random.default_rng(5)
+    n, batch, vocab = 8, 6, 30
+    layer_logits = (rng.normal(size=(n, batch, vocab)) * rng.uniform(0.3, 3, (n, batch, 1))).astype(
+        np.float32
+    )
+    embeddings = rng.normal(size=(batch, vocab)).astype(np.float32)
+    hf_layers = [0, 2, 5, 7]
+    strategy = get_strategy("dola", layers=hf_layers, premature_norm=premature_norm)
+    decision = run(strategy, layer_logits, embeddings)
+    # HF index i -> hidden state of decoder layer i-1; 0 -> the embedding output.
+    hidden = [embeddings] + [layer_logits[i] for i in range(n)]
+    for row in range(batch):
+        premature = [hidden[i][row] for i in hf_layers]
+        expected, best = dola_reference(layer_logits[-1, row], premature)
+        got = np.array(decision.logits[row])
+        assert np.array_equal(np.isinf(got), np.isinf(expected))
+        finite = ~np.isinf(expected)
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4)
+        assert int(decision.extras["premature_layer"][row]) == hf_layers[best] - 1
+    assert np.array(decision.layers).tolist() == [n - 1] * batch
+
+
+def test_dola_rows_pick_their_own_premature_layer():
+    # Row 0's layer 1 and row 1's layer 3 are far from the final layer; the rest agree.
+    vocab = 10
+    final = np.zeros((2, vocab), np.float32)
+    final[:, 0] = 5
+    layers = np.repeat(final[None], 5, axis=0).copy()
+    layers[1, 0] = np.linspace(5, -5, vocab)
+    layers[3, 1] = np.linspace(-5, 5, vocab)
+    decision = run(get_strategy("dola", layers=[2, 4]), layers)
+    assert np.array(decision.extras["premature_layer"]).tolist() == [1, 3]
+
+
+def test_dola_single_layer_skips_selection():
+    rng = np.random.default_rng(9)
+    layer_logits = rng.normal(size=(4, 2, 16)).astype(np.float32)
+    decision = run(get_strategy("dola", layers=[2]), layer_logits)
+    for row in range(2):
+        expected, _ = dola_reference(layer_logits[-1, row], [layer_logits[1, row]])
+        got = np.array(decision.logits[row])
+        finite = ~np.isinf(expected)
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4)
+    assert np.array(decision.extras["premature_layer"]).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"layers": "middle"}, "layers"),
+        ({"layers": []}, "at least one premature layer"),
+        ({"relative_top": 0}, "relative_top"),
+        ({"relative_top": 1.5}, "relative_top"),
+        ({"alpha": 1}, "unknown parameter 'alpha'"),
+    ],
+)
+def test_dola_rejects_bad_params(params, message):
+    with pytest.raises(ConfigError, match=message):
+        get_strategy("dola", **params)
+
+
+def test_dola_layers_out_of_range():
+    strategy = get_strategy("dola", layers=[2, 30])
+    with pytest.raises(ConfigError, match=r"premature layers \[30\] are out of range"):
+        strategy.prepare(ModelFacts(30, True))
