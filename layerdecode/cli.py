@@ -1,0 +1,1082 @@
+"""The ``layerdecode`` command line: thin click commands over the public API.
+
+Heavy imports (mlx, the model loaders, matplotlib) happen inside the commands, so
+``layerdecode --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+EXIT_INTERRUPTED = 130
+
+_state = {"debug": False}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _say_error(message: str) -> None:
+    message = " ".join(str(message).split())  # one line, whatever the exception held
+    click.echo(f"error: {message}", err=True)
+
+
+class LayerdecodeGroup(click.Group):
+    """A group that turns every failure into one line on stderr and a meaningful exit code.
+
+    Usage problems (bad options, bad strategy config) exit 2, runtime failures exit 1,
+    Ctrl-C exits 130. ``--debug`` prints the traceback as well.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .errors import ConfigError, LayerdecodeError
+
+        _state["debug"] = False
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            self._fail(e.format_message() + hint, 2)
+        except click.ClickException as e:
+            self._fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            click.echo("", err=True)
+            self._fail("interrupted", EXIT_INTERRUPTED)
+        except ConfigError as e:
+            self._fail(str(e), 2)
+        except LayerdecodeError as e:
+            self._fail(str(e), 1)
+        except Exception as e:  # the last line of defence: one line, not a traceback
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            hint = "" if _state["debug"] else " (run with --debug for the traceback)"
+            self._fail(detail + hint, 1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _fail(self, message: str, code: int) -> None:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        _say_error(message)
+        sys.exit(code)
+
+
+def _usage(message: str) -> click.UsageError:
+    return click.UsageError(message, ctx=click.get_current_context(silent=True))
+
+
+# --------------------------------------------------------------------------- option groups
+
+
+def _stack(*decorators: Callable) -> Callable:
+    def wrap(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return wrap
+
+
+model_options = _stack(
+    click.option(
+        "-m",
+        "--model",
+        envvar="LAYERDECODE_MODEL",
+        show_envvar=True,
+        metavar="NAME|PATH",
+        help="Model to load: a manifest name (see 'layerdecode models list'), a local "
+        "mlx-lm directory, a .gguf file or a Hugging Face repo id. "
+        f"[default: {DEFAULT_MODEL_NAME}]",
+    ),
+    click.option(
+        "--dtype",
+        metavar="DTYPE",
+        help="Convert the weights on load, e.g. float16, bfloat16 or float32 [default: as stored].",
+    ),
+)
+
+prompt_options = _stack(
+    click.option(
+        "-p",
+        "--prompt",
+        metavar="TEXT",
+        help="The prompt; '-' reads it from stdin (also read from stdin when omitted and "
+        "stdin is not a terminal).",
+    ),
+    click.option("--system", metavar="TEXT", help="System message for the chat template."),
+    click.option(
+        "--raw",
+        is_flag=True,
+        help="Send the prompt as is, without the tokenizer's chat template (the template "
+        "is applied by default when the tokenizer has one).",
+    ),
+)
+
+
+def _param_option(f):
+    return click.option(
+        "-P",
+        "--param",
+        "params",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Strategy parameter, overriding the preset's (repeatable). VALUE is read as "
+        "YAML: --param window=8, --param layers=[16,20,24], --param method=trough-m1. "
+        "See 'layerdecode strategies show NAME'.",
+    )(f)
+
+
+def _strategy_option(default: str | None = "final"):
+    return click.option(
+        "-s",
+        "--strategy",
+        default=default,
+        show_default=True,
+        metavar="NAME|PRESET|FILE.yaml",
+        help="Exit-layer strategy: a strategy name, a preset name or a YAML preset file "
+        "(see 'layerdecode strategies list').",
+    )
+
+
+sampling_options = _stack(
+    click.option(
+        "--temp",
+        type=click.FloatRange(min=0.0),
+        help="Sampling temperature; 0 is greedy [default: the preset's, else 0].",
+    ),
+    click.option(
+        "--top-p",
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        help="Nucleus sampling: keep the smallest set of tokens with this mass (with --temp).",
+    ),
+    click.option(
+        "--min-p",
+        type=click.FloatRange(0.0, 1.0),
+        help="Min-p sampling threshold, relative to the top token (with --temp).",
+    ),
+    click.option(
+        "--top-k",
+        type=click.IntRange(min=0),
+        help="Sample among the k most likely tokens; 0 is off (with --temp).",
+    ),
+    click.option("--seed", type=int, help="Random seed, for reproducible sampling."),
+    click.option(
+        "--repetition-penalty",
+        type=click.FloatRange(min=0.0, min_open=True),
+        help="Penalty for tokens already seen; 1.0 is off [default: the preset's].",
+    ),
+    click.option(
+        "--repetition-context-size",
+        type=click.IntRange(min=1),
+        help="Tokens the repetition penalty looks back over [default: 20].",
+    ),
+)
+
+
+def _max_tokens_option(default: int | None):
+    return click.option(
+        "-n",
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=default is not None,
+        help="Maximum number of tokens to generate"
+        + (" [default: the preset's, else 256]." if default is None else "."),
+    )
+
+
+SAMPLING_KEYS = (
+    "temp",
+    "top_p",
+    "min_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "repetition_context_size",
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` strings -> params; values are YAML scalars or lists."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise _usage(f"Malformed --param '{item}': use KEY=VALUE, e.g. --param window=8.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise _usage(f"Malformed --param '{item}': the value is not valid YAML.") from None
+        if raw.strip() == "" or isinstance(value, dict):
+            raise _usage(
+                f"Malformed --param '{item}': the value must be a number, a string, a boolean "
+                "or a list like [1,2]."
+            )
+        if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+            raise _usage(f"Malformed --param '{item}': list items must be plain values.")
+        params[key] = value
+    return params
+
+
+def resolve(strategy: str, params: tuple[str, ...]):
+    """The validated strategy (raises ConfigError for unknown names and bad params)."""
+    from .config import resolve_strategy
+
+    return resolve_strategy(strategy, parse_params(params))
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read()
+    elif prompt is None:
+        raise _usage("No prompt: pass --prompt TEXT (or --prompt - to read stdin).")
+    if not prompt.strip():
+        raise _usage("The prompt is empty: give some text.")
+    return prompt
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def load_model(name: str | None, dtype: str | None):
+    """(model, tokenizer) from the loader, with progress on stderr when it is a terminal."""
+    from .loading import load
+
+    console = _stderr_console()
+    if not console.is_terminal:
+        return load(name, dtype=dtype)
+    with console.status(f"loading {name or DEFAULT_MODEL_NAME}") as status:
+        return load(name, dtype=dtype, progress=lambda msg: status.update(str(msg)))
+
+
+def has_chat_template(tokenizer) -> bool:
+    flag = getattr(tokenizer, "has_chat_template", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def prompt_ids(tokenizer, prompt: str, *, system: str | None, raw: bool) -> list[int] | str:
+    """Token ids through the chat template, or the text itself with --raw / no template."""
+    if raw or not has_chat_template(tokenizer):
+        return f"{system}\n\n{prompt}" if system else prompt
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(ids, dict):  # some tokenizers answer a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def _sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: kwargs[key] for key in SAMPLING_KEYS if kwargs.get(key) is not None}
+
+
+def _check_system(system: str | None, raw: bool) -> None:
+    if system and raw:
+        raise _usage("--system needs the chat template: drop --raw or put it in the prompt.")
+
+
+def _label(resolved) -> str:
+    if resolved.preset is not None:
+        return resolved.preset.name
+    return resolved.strategy.name
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@click.group(cls=LayerdecodeGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="layerdecode")
+@click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
+def cli(debug: bool) -> None:
+    """Decode each token from the decoder layer a pluggable strategy picks.
+
+    layerdecode runs mlx-lm models and, at every step, lets a strategy (final, fixed,
+    dola, confident, or a plugin) choose the layer whose prediction becomes the next
+    token. Start with:
+
+    \b
+      layerdecode generate --prompt "What is the capital of France?" --strategy confident
+    """
+    _state["debug"] = debug
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, short_help="Generate text with a strategy.")
+@model_options
+@_strategy_option()
+@_param_option
+@prompt_options
+@_max_tokens_option(None)
+@sampling_options
+@click.option(
+    "--show-layers",
+    is_flag=True,
+    help="Colour each token by the layer it was decoded from (final layer plain, deeper "
+    "layers warmer), with a legend.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object (text, prompt_tokens, tokens, layers, entropies, strategy, "
+    "speeds, ...) instead of streaming text.",
+)
+def generate(**kwargs: Any) -> None:
+    """Generate text, each token decoded from the layer the strategy picks.
+
+    The text streams to stdout as it is generated; a summary line follows on stderr:
+    tokens, tokens/s, the share of tokens decoded from a layer below the final one and
+    their mean depth below it. Layers are 0-based (final = number of layers - 1).
+    """
+    _check_system(kwargs["system"], kwargs["raw"])
+    resolved = resolve(kwargs["strategy"], kwargs["params"])
+    text = read_prompt(kwargs["prompt"])
+    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
+    prompt = prompt_ids(tokenizer, text, system=kwargs["system"], raw=kwargs["raw"])
+    run_generate(
+        model,
+        tokenizer,
+        prompt,
+        resolved,
+        max_tokens=kwargs["max_tokens"],
+        sampling=_sampling(kwargs),
+        as_json=kwargs["as_json"],
+        show_layers=kwargs["show_layers"],
+        model_name=kwargs["model"] or DEFAULT_MODEL_NAME,
+    )
+
+
+def run_generate(
+    model, tokenizer, prompt, resolved, *, max_tokens, sampling, as_json, show_layers, model_name
+) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    from .generate import GenerationResult, encode_prompt, stream_generate
+    from .render import layer_legend, layer_style, summary_line
+
+    out = Console(highlight=False, soft_wrap=True)
+    err = _stderr_console()
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else prompt
+    ids = [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    pieces, tokens, layers, entropies, extras = [], [], [], [], {}
+    last = None
+    interrupted = False
+    try:
+        for response in stream_generate(
+            model, tokenizer, ids, strategy=resolved, max_tokens=max_tokens, **sampling
+        ):
+            last = response
+            if not as_json and response.text:
+                if show_layers:
+                    style = layer_style(response.layer, response.num_layers)
+                    out.print(Text(response.text, style=style), end="")
+                else:
+                    click.echo(response.text, nl=False)
+                    sys.stdout.flush()
+            pieces.append(response.text)
+            if response.finish_reason == "stop":
+                break
+            tokens.append(response.token)
+            layers.append(response.layer)
+            entropies.append(response.entropy)
+            for key, value in response.extras.items():
+                extras.setdefault(key, []).append(value)
+    except KeyboardInterrupt:
+        interrupted = True
+    if last is None:
+        if interrupted:
+            raise click.Abort()
+        return
+    result = GenerationResult(
+        text="".join(pieces),
+        prompt_tokens=ids,
+        tokens=tokens,
+        layers=layers,
+        entropies=entropies,
+        num_layers=last.num_layers,
+        strategy={"name": resolved.strategy.name, "params": resolved.strategy.resolved_params()},
+        finish_reason="interrupted" if interrupted else (last.finish_reason or "length"),
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=last.peak_memory,
+        extras=extras,
+    )
+    if as_json:
+        data = {"model": model_name, **result.to_dict()}
+        if resolved.preset is not None:
+            data["strategy"]["preset"] = resolved.preset.name
+        click.echo(json.dumps(data, ensure_ascii=False))
+    else:
+        click.echo("")
+        if show_layers:
+            err.print(layer_legend(result.num_layers, result.layers))
+        err.print(summary_line(result, strategy=_label(resolved), interrupted=interrupted))
+    if interrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts from a JSON-lines file with a ``prompt`` field per line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise _usage(f"Cannot read {path}: {e.strerror or e}.") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _usage(f"{path} line {number}: not valid JSON ({e.msg}).") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise _usage(f"{path} line {number}: needs a non-empty string field 'prompt'.")
+        prompts.append(prompt)
+    if not prompts:
+        raise _usage(f"{path} holds no prompts.")
+    return prompts
+
+
+def generate_all(model, tokenizer, prompts, resolved, *, batch_size, max_tokens, sampling, advance):
+    """One result per prompt for one strategy; ``advance(n)`` reports finished prompts.
+
+    With ``batch_size > 1`` the prompts go through batched decoding
+    (``layerdecode.batch.batch_generate``); otherwise they run one by one.
+    """
+    if batch_size > 1:
+        from .batch import batch_generate
+
+        done = [0]
+
+        def progress(finished: int, total: int) -> None:
+            advance(finished - done[0])
+            done[0] = finished
+
+        results, _stats = batch_generate(
+            model,
+            tokenizer,
+            prompts,
+            strategy=resolved,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            **sampling,
+        )
+        return results
+    from .generate import generate
+
+    results = []
+    for prompt in prompts:
+        results.append(
+            generate(model, tokenizer, prompt, strategy=resolved, max_tokens=max_tokens, **sampling)
+        )
+        advance(1)
+    return results
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, short_help="Compare strategies side by side.")
+@model_options
+@click.option(
+    "-s",
+    "--strategies",
+    default="final,confident,dola",
+    show_default=True,
+    metavar="A,B,...",
+    help="Comma-separated strategies, presets or YAML files; the first is the reference "
+    "the others are compared with.",
+)
+@click.option(
+    "-p",
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="A prompt (repeatable; '-' reads one from stdin).",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.jsonl",
+    help="JSON-lines file with a 'prompt' field per line.",
+)
+@click.option("--system", metavar="TEXT", help="System message for the chat template.")
+@click.option("--raw", is_flag=True, help="Send prompts as is, without the chat template.")
+@_max_tokens_option(64)
+@sampling_options
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Prompts decoded together in one batch; 1 runs them one by one.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every result.")
+def compare(**kwargs: Any) -> None:
+    """Run several strategies on the same prompts and show the outputs side by side.
+
+    For each prompt: every strategy's output, the token index where it first diverges from
+    the first strategy's, its tokens/s, the share of tokens decoded from a layer below the
+    final one and their mean depth. With several prompts, a summary table follows.
+    """
+    _check_system(kwargs["system"], kwargs["raw"])
+    specs = [s.strip() for s in kwargs["strategies"].split(",") if s.strip()]
+    if not specs:
+        raise _usage("--strategies is empty: name at least one, e.g. final,confident.")
+    from .config import resolve_strategy
+
+    resolved = [resolve_strategy(spec) for spec in specs]
+    texts = [read_prompt(p) for p in kwargs["prompts"]]
+    if kwargs["prompts_file"]:
+        texts += read_prompts_file(kwargs["prompts_file"])
+    if not texts:
+        texts = [read_prompt(None)]
+    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
+    prompts = [prompt_ids(tokenizer, t, system=kwargs["system"], raw=kwargs["raw"]) for t in texts]
+    labels = _unique_labels([_label(r) for r in resolved])
+    sampling = _sampling(kwargs)
+    per_strategy = []
+    from rich.progress import Progress
+
+    err = _stderr_console()
+    total = len(prompts) * len(resolved)
+    with Progress(console=err, transient=True, disable=len(prompts) < 2) as progress:
+        task = progress.add_task("comparing", total=total)
+        for label, strategy in zip(labels, resolved, strict=True):
+            progress.update(task, description=label)
+            results = generate_all(
+                model,
+                tokenizer,
+                prompts,
+                strategy,
+                batch_size=kwargs["batch_size"],
+                max_tokens=kwargs["max_tokens"],
+                sampling=sampling,
+                advance=lambda n: progress.advance(task, n),
+            )
+            per_strategy.append(results)
+    per_prompt = [list(row) for row in zip(*per_strategy, strict=True)]
+    show_comparison(texts, labels, per_prompt, as_json=kwargs["as_json"])
+
+
+def _unique_labels(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return out
+
+
+def show_comparison(texts, labels, per_prompt, *, as_json: bool) -> None:
+    from rich.console import Console
+
+    from .render import compare_summary, compare_table, first_divergence
+
+    if as_json:
+        data = {"strategies": labels, "prompts": []}
+        for text, results in zip(texts, per_prompt, strict=True):
+            runs = []
+            for label, result in zip(labels, results, strict=True):
+                entry = {"label": label, **result.to_dict()}
+                entry["diverges_at"] = first_divergence(results[0].tokens, result.tokens)
+                runs.append(entry)
+            data["prompts"].append({"prompt": text, "results": runs})
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    out = Console(highlight=False)
+    for i, (text, results) in enumerate(zip(texts, per_prompt, strict=True), 1):
+        title = f"prompt {i}: {text.strip()}" if len(texts) > 1 else text.strip()
+        out.print(compare_table(text, labels, results, title=title[:200]))
+    if len(texts) > 1:
+        out.print(compare_summary(labels, per_prompt))
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def parse_layers(spec: str) -> Callable[[int], list[int]]:
+    """``20:30``, ``-8:``, ``5`` or ``0,10,20:30`` -> a function of the model's depth.
+
+    Ranges are half-open like Python slices; negative numbers count from the end.
+    """
+
+    def bad() -> click.UsageError:
+        return _usage(
+            f"Malformed --layers '{spec}': use START:END (half-open, like 20:30), a layer "
+            "number, or a comma-separated mix; negative numbers count from the end."
+        )
+
+    items = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                start, _, end = part.partition(":")
+                items.append(
+                    slice(int(start) if start.strip() else None, int(end) if end.strip() else None)
+                )
+            else:
+                items.append(int(part))
+        except ValueError:
+            raise bad() from None
+
+    def pick(num_layers: int) -> list[int]:
+        from .errors import ConfigError
+
+        chosen: set[int] = set()
+        for item in items:
+            if isinstance(item, slice):
+                chosen.update(range(num_layers)[item])
+            else:
+                index = item + num_layers if item < 0 else item
+                if not 0 <= index < num_layers:
+                    raise ConfigError(
+                        f"--layers {item} is out of range: the model has {num_layers} layers "
+                        f"(0..{num_layers - 1})."
+                    )
+                chosen.add(index)
+        if not chosen:
+            raise ConfigError(
+                f"--layers '{spec}' selects no layer of this model ({num_layers} layers, "
+                f"0..{num_layers - 1})."
+            )
+        return sorted(chosen)
+
+    return pick
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, short_help="Logit lens: every layer's prediction.")
+@model_options
+@_strategy_option()
+@_param_option
+@prompt_options
+@_max_tokens_option(16)
+@sampling_options
+@click.option(
+    "--layers",
+    "layers_spec",
+    metavar="START:END",
+    help="Layers to show: a half-open range like 20:30, a number, or a comma-separated "
+    "mix; negative numbers count from the end [default: all].",
+)
+@click.option(
+    "--color",
+    type=click.Choice(["entropy", "prob"]),
+    default="entropy",
+    show_default=True,
+    help="What the cell colour shows: the entropy of the layer's distribution or the top-1 "
+    "probability.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, writable=True),
+    default="inspect.png",
+    show_default=True,
+    help="PNG heatmap to write.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Also write the grid as an HTML table.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the grid (top ids, tokens, probabilities, entropies per layer) as JSON.",
+)
+def inspect(**kwargs: Any) -> None:
+    """Show what every layer predicts at every position (the logit lens).
+
+    Generates up to --max-tokens tokens with the chosen strategy, then decodes every layer
+    at every position of prompt + output through the final norm and head, and reports the
+    top-1 token, its probability and the entropy. The terminal shows a compact grid (final
+    layer on top; ● marks the layer the strategy decoded from, ✗ where that layer's top
+    token differs from the final layer's) and a table of the generated tokens; the PNG
+    heatmap (--out) writes each cell's top token, boxes the chosen layers (red: differs
+    from the final layer) and marks the generated positions in blue.
+    """
+    _check_system(kwargs["system"], kwargs["raw"])
+    resolved = resolve(kwargs["strategy"], kwargs["params"])
+    pick_layers = parse_layers(kwargs["layers_spec"]) if kwargs["layers_spec"] else None
+    text = read_prompt(kwargs["prompt"])
+    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
+    prompt = prompt_ids(tokenizer, text, system=kwargs["system"], raw=kwargs["raw"])
+
+    from rich.console import Console
+
+    from .adapters import get_adapter
+    from .generate import generate
+    from .lens import lens_html, logit_lens, plot_lens
+    from .render import lens_grid, lens_table
+
+    num_layers = get_adapter(model).num_layers
+    layers = pick_layers(num_layers) if pick_layers else None
+    result = generate(
+        model,
+        tokenizer,
+        prompt,
+        strategy=resolved,
+        max_tokens=kwargs["max_tokens"],
+        **_sampling(kwargs),
+    )
+    start = len(result.prompt_tokens) - 1
+    chosen = {start + k: layer for k, layer in enumerate(result.layers)}
+    lens = logit_lens(
+        model,
+        tokenizer,
+        result.prompt_tokens + result.tokens,
+        layers=layers,
+        chosen_layers=chosen,
+        prompt_length=len(result.prompt_tokens),
+    )
+    title = f"{kwargs['model'] or DEFAULT_MODEL_NAME} · {_label(resolved)}"
+    path = plot_lens(lens, kwargs["out"], color=kwargs["color"], title=title)
+    if kwargs["html_path"]:
+        page = lens_html(lens, color=kwargs["color"], title=title)
+        try:
+            with open(kwargs["html_path"], "w", encoding="utf-8") as f:
+                f.write(page)
+        except OSError as e:
+            raise click.FileError(kwargs["html_path"], e.strerror) from None
+    if kwargs["as_json"]:
+        data = {"model": kwargs["model"] or DEFAULT_MODEL_NAME, "text": result.text}
+        data["strategy"] = result.strategy
+        data.update(lens.to_dict())
+        data["generated_layers"] = result.layers
+        data["disagreements"] = [list(d) for d in lens.disagreements()]
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    out = Console(highlight=False)
+    out.print(f"[bold]{title}[/]  output: {result.text!r}")
+    out.print(
+        f"layers {lens.layers[0]}..{lens.layers[-1]} of 0..{num_layers - 1} × "
+        f"{lens.num_positions} positions · colour: {kwargs['color']} · "
+        f"{len(lens.disagreements())} chosen-layer disagreement(s) with the final layer",
+        style="dim",
+    )
+    out.print(lens_grid(lens, color=kwargs["color"]), end="")
+    if result.tokens:
+        out.print(lens_table(lens))
+    err = _stderr_console()
+    err.print(f"wrote {path}" + (f" and {kwargs['html_path']}" if kwargs["html_path"] else ""))
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@cli.group(context_settings=CONTEXT_SETTINGS, short_help="List, show and validate strategies.")
+def strategies() -> None:
+    """List, describe and validate strategies and YAML presets."""
+
+
+@strategies.command("list", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def strategies_list(as_json: bool) -> None:
+    """List the strategies (built-in and plugins) and the shipped presets, with their source."""
+    from .config import list_presets, shipped_presets
+    from .registry import get_strategy_class, list_strategies, strategy_registry
+
+    registry = strategy_registry()
+    rows = []
+    for name in list_strategies():
+        cls = get_strategy_class(name)
+        source = registry.source(name)
+        kind = "built-in" if source.startswith("layerdecode.") else "plugin"
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "strategy": name,
+                "description": cls.description,
+                "source": source,
+            }
+        )
+    files = shipped_presets()
+    for preset in list_presets():
+        rows.append(
+            {
+                "name": preset.name,
+                "kind": "preset",
+                "strategy": preset.strategy,
+                "description": preset.description,
+                "source": str(files.get(preset.name, "")),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="strategies and presets", title_justify="left")
+    for column in ("name", "kind", "strategy", "description", "source"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("name", "kind"))
+    for row in rows:
+        table.add_row(*(row[k] for k in ("name", "kind", "strategy", "description", "source")))
+    Console(highlight=False).print(table)
+
+
+def _type_name(annotation: Any) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) if not isinstance(a, str) else a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _params_schema(cls) -> list[dict[str, Any]]:
+    from pydantic_core import PydanticUndefined
+
+    rows = []
+    for name, field in cls.Params.model_fields.items():
+        default = field.default
+        if default is PydanticUndefined:
+            default = "(required)" if field.default_factory is None else field.default_factory()
+        rows.append(
+            {
+                "name": name,
+                "type": _type_name(field.annotation),
+                "default": default,
+                "description": field.description or "",
+            }
+        )
+    return rows
+
+
+@strategies.command("show", context_settings=CONTEXT_SETTINGS)
+@click.argument("name", metavar="NAME|PRESET|FILE.yaml")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def strategies_show(name: str, as_json: bool) -> None:
+    """Describe a strategy or preset: its params with types, defaults and descriptions.
+
+    For a preset (or a YAML preset file) the values it sets are shown beside the defaults,
+    with its generation defaults.
+    """
+    from .config import read_preset, shipped_presets
+    from .config import resolve_strategy as _resolve
+    from .registry import get_strategy_class, list_strategies, strategy_registry
+
+    presets = shipped_presets()
+    preset = None
+    if name in presets:
+        preset = read_preset(presets[name])
+    elif name not in list_strategies():
+        preset = _resolve(name).preset  # raises the did-you-mean error for unknown names
+    strategy_name = preset.strategy if preset is not None else name
+    cls = get_strategy_class(strategy_name)
+    schema = _params_schema(cls)
+    data: dict[str, Any] = {
+        "name": name,
+        "strategy": strategy_name,
+        "description": cls.description,
+        "source": strategy_registry().source(strategy_name),
+        "params": schema,
+    }
+    if preset is not None:
+        data["preset"] = {
+            "name": preset.name,
+            "description": preset.description,
+            "params": preset.params,
+            "generation": preset.generation.model_dump(exclude_none=True),
+        }
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    if preset is not None:
+        out.print(f"[bold]{preset.name}[/]: preset of strategy [bold]{strategy_name}[/]")
+        if preset.description:
+            out.print(preset.description)
+        gen = data["preset"]["generation"]
+        if gen:
+            out.print("generation defaults: " + ", ".join(f"{k}={v}" for k, v in gen.items()))
+        out.print("")
+    out.print(f"[bold]{strategy_name}[/] — {cls.description}")
+    out.print(f"source: {data['source']}", style="dim")
+    table = Table(title="params", title_justify="left")
+    columns = ["param", "type", "default"]
+    if preset is not None:
+        columns.append("preset")
+    columns.append("description")
+    for column in columns:
+        table.add_column(column, overflow="fold", no_wrap=column == "param")
+    for row in schema:
+        cells = [row["name"], row["type"], repr(row["default"])]
+        if preset is not None:
+            cells.append(repr(preset.params[row["name"]]) if row["name"] in preset.params else "")
+        cells.append(row["description"])
+        table.add_row(*cells)
+    if not schema:
+        out.print("no params")
+    else:
+        out.print(table)
+
+
+@strategies.command("validate", context_settings=CONTEXT_SETTINGS)
+@click.argument("files", nargs=-1, required=True, metavar="FILE.yaml...")
+def strategies_validate(files: tuple[str, ...]) -> None:
+    """Check YAML preset files: schema, strategy name and param types.
+
+    Prints one line per file; exits with status 2 when any file is invalid.
+    """
+    from .config import read_preset
+    from .errors import ConfigError
+
+    bad = 0
+    for path in files:
+        try:
+            preset = read_preset(path)
+        except ConfigError as e:
+            bad += 1
+            _say_error(str(e))
+            continue
+        click.echo(f"ok: {path} (preset '{preset.name}', strategy '{preset.strategy}')")
+    if bad:
+        raise click.exceptions.Exit(2)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@cli.group(context_settings=CONTEXT_SETTINGS, short_help="List, pull and describe models.")
+def models() -> None:
+    """List, download and describe the models layerdecode knows by name."""
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    if isinstance(obj, str):
+        return {"name": obj}
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+@models.command("list", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models_list(as_json: bool) -> None:
+    """List the named models (manifests) and whether each is downloaded."""
+    from .manifests import list_manifests
+
+    rows = [_as_dict(m) for m in list_manifests()]
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    columns: list[str] = []
+    for row in rows:
+        for key, value in row.items():
+            if key not in columns and not isinstance(value, (dict, list)):
+                columns.append(key)
+    columns = columns[:6]
+    table = Table(title="models", title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    Console(highlight=False).print(table)
+
+
+@models.command("pull", context_settings=CONTEXT_SETTINGS)
+@click.argument("name")
+@click.option("--dtype", metavar="DTYPE", help="Store the weights in this dtype.")
+@click.option("--force", is_flag=True, help="Download again even if already cached.")
+def models_pull(name: str, dtype: str | None, force: bool) -> None:
+    """Download a named model into the cache (see 'layerdecode models list')."""
+    from .manifests import pull
+
+    err = _stderr_console()
+    if err.is_terminal:
+        with err.status(f"pulling {name}") as status:
+            path = pull(
+                name, dtype=dtype, force=force, progress=lambda msg: status.update(str(msg))
+            )
+    else:
+        path = pull(name, dtype=dtype, force=force, progress=lambda msg: err.print(str(msg)))
+    click.echo(f"{name}: {path}")
+
+
+@models.command("info", context_settings=CONTEXT_SETTINGS)
+@click.argument("name", metavar="NAME|PATH")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def models_info(name: str, as_json: bool) -> None:
+    """Show what is known about a model: manifest, architecture, layers, cache path."""
+    from .manifests import model_info
+
+    info = _as_dict(model_info(name))
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, title=name, title_justify="left")
+    table.add_column("key", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, shown)
+    Console(highlight=False).print(table)
+
+
+def main() -> None:  # pragma: no cover - python -m layerdecode.cli
+    cli(prog_name=os.path.basename(sys.argv[0]) or "layerdecode")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,219 @@
+"""Rich rendering for the CLI: layer colours and legend, the compare table, the lens grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from .generate import GenerationResult
+    from .lens import LensResult
+
+# Depth below the final layer -> colour; deeper is warmer. (low, high) inclusive, high=None: open.
+DEPTH_BUCKETS: list[tuple[int, int | None, str]] = [
+    (0, 0, ""),
+    (1, 1, "gold1"),
+    (2, 3, "orange1"),
+    (4, 7, "dark_orange"),
+    (8, 15, "red1"),
+    (16, None, "magenta"),
+]
+
+
+def layer_style(layer: int, num_layers: int) -> str:
+    """The colour of a token decoded from ``layer`` (final layer: no colour)."""
+    depth = num_layers - 1 - layer
+    for low, high, style in DEPTH_BUCKETS:
+        if depth >= low and (high is None or depth <= high):
+            return style
+    return ""
+
+
+def layer_legend(num_layers: int, layers: Sequence[int] = ()) -> Text:
+    """One line naming each colour's layer range, with the count of tokens in it."""
+    final = num_layers - 1
+    text = Text("layers: ", style="dim")
+    first = True
+    for low, high, style in DEPTH_BUCKETS:
+        if low > final:
+            break
+        top = final - low
+        bottom = 0 if high is None else max(final - high, 0)
+        if low == 0:
+            label = f"final ({final})"
+        elif top == bottom:
+            label = str(top)
+        else:
+            label = f"{bottom}-{top}"
+        count = sum(bottom <= layer <= top for layer in layers)
+        if not first:
+            text.append(" · ", style="dim")
+        first = False
+        text.append(label, style=style or "bold")
+        if layers:
+            text.append(f" ×{count}", style="dim")
+    return text
+
+
+def layered_text(pieces: Sequence[tuple[str, int]], num_layers: int) -> Text:
+    """Text whose pieces are coloured by the layer each was decoded from."""
+    text = Text()
+    for piece, layer in pieces:
+        text.append(piece, style=layer_style(layer, num_layers))
+    return text
+
+
+def summary_line(result: GenerationResult, *, strategy: str, interrupted: bool = False) -> Text:
+    """Tokens, speed, share of non-final tokens and mean depth, as one dim line."""
+    n = len(result.tokens)
+    parts = [
+        f"{n} token{'s' if n != 1 else ''}",
+        f"{result.generation_tps:.1f} tok/s",
+        f"prompt {len(result.prompt_tokens)} tok at {result.prompt_tps:.1f} tok/s",
+        f"non-final {result.non_final_share:.0%}",
+        f"mean depth {result.mean_depth:.2f} below final",
+        f"strategy {strategy}",
+        f"peak {result.peak_memory_gb:.2f} GB",
+        "interrupted" if interrupted else f"finish {result.finish_reason}",
+    ]
+    return Text(" · ".join(parts), style="dim")
+
+
+def first_divergence(reference: Sequence[int], tokens: Sequence[int]) -> int | None:
+    """Index of the first token where ``tokens`` differs from ``reference`` (None: same)."""
+    for i, (a, b) in enumerate(zip(reference, tokens, strict=False)):
+        if a != b:
+            return i
+    return None if len(reference) == len(tokens) else min(len(reference), len(tokens))
+
+
+def compare_table(
+    prompt: str, labels: Sequence[str], results: Sequence[GenerationResult], title: str = ""
+) -> Table:
+    """The outputs of each strategy side by side, one column per strategy."""
+    table = Table(title=title or None, show_lines=True, expand=True, title_justify="left")
+    table.add_column("", style="dim", no_wrap=True)
+    for label in labels:
+        table.add_column(label, overflow="fold")
+    reference = results[0].tokens
+    rows: list[tuple[str, list[Any]]] = [
+        ("output", [r.text for r in results]),
+        ("tokens", [str(len(r.tokens)) for r in results]),
+        (
+            "diverges at",
+            ["(reference)"]
+            + [_divergence_label(first_divergence(reference, r.tokens)) for r in results[1:]],
+        ),
+        ("tok/s", [f"{r.generation_tps:.1f}" for r in results]),
+        ("non-final", [f"{r.non_final_share:.0%}" for r in results]),
+        ("mean depth", [f"{r.mean_depth:.2f}" for r in results]),
+    ]
+    for name, cells in rows:
+        table.add_row(name, *cells)
+    return table
+
+
+def _divergence_label(index: int | None) -> str:
+    return "identical" if index is None else f"token {index}"
+
+
+def compare_summary(
+    labels: Sequence[str], per_prompt: Sequence[Sequence[GenerationResult]]
+) -> Table:
+    """Across prompts: mean speed, non-final share and how often each matches the first."""
+    table = Table(title="summary", title_justify="left")
+    for column in ("strategy", "identical", "mean diverges at", "tok/s", "non-final", "depth"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    n = len(per_prompt)
+    for j, label in enumerate(labels):
+        runs = [results[j] for results in per_prompt]
+        divs = [first_divergence(results[0].tokens, results[j].tokens) for results in per_prompt]
+        diverged = [d for d in divs if d is not None]
+        table.add_row(
+            label,
+            f"{sum(d is None for d in divs)}/{n}",
+            f"{sum(diverged) / len(diverged):.1f}" if diverged else "-",
+            f"{sum(r.generation_tps for r in runs) / n:.1f}",
+            f"{sum(r.non_final_share for r in runs) / n:.0%}",
+            f"{sum(r.mean_depth for r in runs) / n:.2f}",
+        )
+    return table
+
+
+def _hex(rgba) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(int(255 * x) for x in rgba[:3]))
+
+
+def lens_grid(result: LensResult, *, color: str = "entropy") -> Text:
+    """A one-character-per-cell picture of the lens: final layer on top, positions across.
+
+    Cells are coloured by entropy (dark: confident) or top-1 probability; ``●`` marks the
+    layer the strategy chose, ``✗`` where its top token differs from the final layer's.
+    """
+    from matplotlib import colormaps
+
+    values = result.entropies if color == "entropy" else result.probs
+    vmax = max(float(values.max()), 1e-6) if color == "entropy" else 1.0
+    cmap = colormaps["viridis_r" if color == "entropy" else "viridis"]
+    disagree = set(result.disagreements())
+    width = max(len(str(layer)) for layer in result.layers)
+    text = Text()
+    for row in range(len(result.layers) - 1, -1, -1):
+        layer = result.layers[row]
+        text.append(f"{layer:>{width}} ", style="dim")
+        for pos in range(result.num_positions):
+            bg = _hex(cmap(values[row, pos] / vmax))
+            if result.chosen_layers[pos] == layer:
+                mark = "✗" if (pos, layer) in disagree else "●"
+                text.append(mark, style=f"bold white on {bg}")
+            else:
+                text.append(" ", style=f"on {bg}")
+        text.append("\n")
+    text.append(" " * (width + 1))
+    for pos in range(result.num_positions):
+        text.append("^" if pos == result.prompt_length - 1 else " ", style="dim")
+    text.append("  ^ last prompt position\n", style="dim")
+    return text
+
+
+def lens_table(result: LensResult) -> Table:
+    """Per generated position: the token, the chosen layer, and the final vs chosen top-1."""
+    from .lens import short_token
+
+    table = Table(title="generated tokens", title_justify="left")
+    for column in ("pos", "token", "layer", "final top-1", "chosen top-1", "H chosen", "same"):
+        table.add_column(column, justify="right" if column in ("pos", "layer") else "left")
+    row_of = {layer: i for i, layer in enumerate(result.layers)}
+    final = result.num_layers - 1
+    final_row = row_of.get(final)
+    for pos in range(max(result.prompt_length - 1, 0), result.num_positions - 1):
+        layer = int(result.chosen_layers[pos])
+        token = short_token(result.tokens[pos + 1], 12)
+        final_top = int(result.final_top_ids[pos])
+        final_text = (
+            short_token(result.top_tokens[final_row][pos], 12)
+            if final_row is not None
+            else str(final_top)
+        )
+        if final_row is not None:
+            final_text += f" {result.probs[final_row, pos]:.2f}"
+        if layer in row_of:
+            r = row_of[layer]
+            chosen_text = f"{short_token(result.top_tokens[r][pos], 12)} {result.probs[r, pos]:.2f}"
+            entropy = f"{result.entropies[r, pos]:.2f}"
+            same = "yes" if int(result.top_ids[r, pos]) == final_top else Text("no", style="red")
+        else:
+            chosen_text, entropy, same = "(not shown)", "", ""
+        table.add_row(
+            str(pos),
+            token,
+            Text(str(layer), style=layer_style(layer, result.num_layers) or "bold"),
+            final_text,
+            chosen_text,
+            entropy,
+            same,
+        )
+    return table
