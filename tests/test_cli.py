@@ -17,7 +17,22 @@ from layerdecode.cli import cli
 
 WORDS = ["<unk>", "<s>", "</s>", "<system>", "<user>", "<assistant>"]
 WORDS += [f"w{i}" for i in range(150)]
-WORDS += "the capital of france is paris what answer briefly hello world a and to".split()
+WORDS += [
+    "the",
+    "capital",
+    "of",
+    "france",
+    "is",
+    "paris",
+    "what",
+    "answer",
+    "briefly",
+    "hello",
+    "world",
+    "a",
+    "and",
+    "to",
+]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
