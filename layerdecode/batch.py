@@ -245,13 +245,15 @@ def batch_generate(
     repetition_context_size: int | None = None,
     seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_result: Callable[[int, GenerationResult], None] | None = None,
     **kwargs: Any,
 ) -> tuple[list[GenerationResult], BatchStats]:
     """Generate for many prompts at once; results come back in the prompts' order.
 
     Takes the options of :func:`layerdecode.stream_generate`, plus ``batch_size`` (prompts
-    decoded together; default all) and ``progress`` (called with (done, total) prompts).
-    Each result's ``prompt_tps``/``generation_tps`` are those of the whole run.
+    decoded together; default all), ``progress`` (called with (done, total) prompts) and
+    ``on_result`` (called with (prompt index, result) as soon as a prompt finishes, with
+    the speeds measured so far). The returned results carry the whole run's speeds.
     """
     resolved = resolve_strategy(strategy, params)
     if not prompts:
@@ -289,13 +291,37 @@ def batch_generate(
     # Similar lengths together waste less padding; results go back in the given order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     num_layers = get_adapter(model).num_layers
-    rows: dict[int, dict[str, list]] = {
-        i: {"tokens": [], "layers": [], "entropies": [], "extras": {}, "finish": None}
-        for i in range(len(encoded))
+    rows: dict[int, dict[str, Any]] = {
+        i: {"tokens": [], "layers": [], "entropies": [], "extras": {}} for i in range(len(encoded))
     }
     prompt_time = gen_time = 0.0
     generated = 0
-    done = 0
+    results: dict[int, GenerationResult] = {}
+    strategy_info = {"name": resolved.strategy.name, "params": resolved.strategy.resolved_params()}
+    run_tic = time.perf_counter()
+
+    def finish(i: int, reason: str) -> None:
+        row = rows[i]
+        elapsed = max(time.perf_counter() - run_tic, 1e-9)
+        results[i] = GenerationResult(
+            text=tokenizer.decode(row["tokens"]),
+            prompt_tokens=encoded[i],
+            tokens=row["tokens"],
+            layers=row["layers"],
+            entropies=row["entropies"],
+            num_layers=num_layers,
+            strategy=strategy_info,
+            finish_reason=reason,
+            prompt_tps=sum(map(len, encoded)) / max(prompt_time, 1e-9),
+            generation_tps=generated / elapsed,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            extras=row["extras"],
+        )
+        if on_result is not None:
+            on_result(i, results[i])
+        if progress is not None:
+            progress(len(results), len(encoded))
+
     mx.reset_peak_memory()
     with wired_limit(model, [generation_stream]):
         for start in range(0, len(order), size):
@@ -318,19 +344,15 @@ def batch_generate(
                     first = False
                 for r in step:
                     row = rows[chunk[r.row]]
+                    if r.finish_reason != "stop":
+                        generated += 1
+                        row["tokens"].append(r.token)
+                        row["layers"].append(r.layer)
+                        row["entropies"].append(r.entropy)
+                        for key, value in r.extras.items():
+                            row["extras"].setdefault(key, []).append(value)
                     if r.finish_reason is not None:
-                        row["finish"] = r.finish_reason
-                        done += 1
-                        if progress is not None:
-                            progress(done, len(encoded))
-                    if r.finish_reason == "stop":
-                        continue
-                    generated += 1
-                    row["tokens"].append(r.token)
-                    row["layers"].append(r.layer)
-                    row["entropies"].append(r.entropy)
-                    for key, value in r.extras.items():
-                        row["extras"].setdefault(key, []).append(value)
+                        finish(chunk[r.row], r.finish_reason)
             gen_time += time.perf_counter() - tic
     stats = BatchStats(
         prompt_tokens=sum(map(len, encoded)),
@@ -339,22 +361,9 @@ def batch_generate(
         generation_tps=generated / max(gen_time, 1e-9),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
-    strategy_info = {"name": resolved.strategy.name, "params": resolved.strategy.resolved_params()}
-    results = [
-        GenerationResult(
-            text=tokenizer.decode(rows[i]["tokens"]),
-            prompt_tokens=encoded[i],
-            tokens=rows[i]["tokens"],
-            layers=rows[i]["layers"],
-            entropies=rows[i]["entropies"],
-            num_layers=num_layers,
-            strategy=strategy_info,
-            finish_reason=rows[i]["finish"],
-            prompt_tps=stats.prompt_tps,
-            generation_tps=stats.generation_tps,
-            peak_memory_gb=stats.peak_memory_gb,
-            extras=rows[i]["extras"],
-        )
-        for i in range(len(encoded))
-    ]
-    return results, stats
+    ordered = [results[i] for i in range(len(encoded))]
+    for result in ordered:  # whole-run speeds, as documented
+        result.prompt_tps = stats.prompt_tps
+        result.generation_tps = stats.generation_tps
+        result.peak_memory_gb = stats.peak_memory_gb
+    return ordered, stats

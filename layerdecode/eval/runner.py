@@ -1,0 +1,178 @@
+"""Run a task over a data file with several strategies, record every answer, summarise.
+
+Each (item, strategy) pair is generated with batched decoding, scored, and appended to
+the results file as soon as it is done; a resumed run skips the pairs already there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .records import EvalRecord, ResultsStore, RunConfig, StrategySpec, file_sha256
+from .stats import Summary, summarize
+from .tasks import Item, Task, get_task
+
+GENERATION_KEYS = (
+    "max_tokens",
+    "temp",
+    "top_p",
+    "min_p",
+    "top_k",
+    "repetition_penalty",
+    "repetition_context_size",
+    "seed",
+)
+
+
+@dataclass
+class EvalPlan:
+    """Everything an eval run needs, checked before the model is loaded."""
+
+    config: RunConfig
+    task: Task
+    items: list[Item]
+    strategies: dict[str, Any]  # name as given -> ResolvedStrategy
+    generation: dict[str, Any]
+    chat: bool
+
+
+def plan_eval(
+    *,
+    model: str,
+    task: str,
+    data: str | Path,
+    strategies: Sequence[str],
+    task_options: dict[str, Any] | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+    chat: bool = True,
+    max_tokens: int = 256,
+    **generation: Any,
+) -> EvalPlan:
+    """Validate the task, data, strategies and options; nothing is generated yet."""
+    from ..config import resolve_strategy
+
+    if not strategies:
+        raise ConfigError("Give at least one strategy (the first one is the baseline).")
+    if len(set(strategies)) != len(strategies):
+        raise ConfigError(f"Strategies must be distinct, got {', '.join(strategies)}.")
+    if max_tokens <= 0:
+        raise ConfigError(f"max_tokens must be positive, got {max_tokens}.")
+    if offset < 0 or (limit is not None and limit < 1):
+        raise ConfigError("offset must be >= 0 and limit >= 1.")
+    unknown = set(generation) - set(GENERATION_KEYS)
+    if unknown:
+        raise ConfigError(f"Unknown generation options: {', '.join(sorted(unknown))}.")
+    task_obj = get_task(task, **(task_options or {}))
+    items = task_obj.load(data, offset=offset, limit=limit)
+    resolved = {spec: resolve_strategy(spec) for spec in strategies}
+    gen = {"max_tokens": max_tokens, "chat": chat}
+    gen.update({k: v for k, v in generation.items() if v is not None})
+    config = RunConfig(
+        model=model,
+        task=task,
+        task_options=dict(task_options or {}),
+        strategies=[
+            StrategySpec(
+                name=spec,
+                params={
+                    "strategy": r.strategy.name,
+                    **r.strategy.resolved_params(),
+                    **{
+                        f"generation.{k}": v
+                        for k, v in r.generation.model_dump(exclude_none=True).items()
+                    },
+                },
+            )
+            for spec, r in resolved.items()
+        ],
+        generation=gen,
+        data_path=str(Path(data).resolve()),
+        data_sha256=file_sha256(data),
+        offset=offset,
+        limit=limit,
+    )
+    return EvalPlan(config, task_obj, items, resolved, gen, chat)
+
+
+def _prompt_ids(tokenizer, item: Item, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True))
+    return list(tokenizer.encode(item.prompt_text))
+
+
+def run_eval(
+    model_obj,
+    tokenizer,
+    plan: EvalPlan,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    batch_size: int = 8,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[Summary, ResultsStore]:
+    """Generate and score every pending (item, strategy) pair; return the summary.
+
+    ``progress`` is called with (pairs done, pairs in total, strategy) as pairs finish.
+    """
+    from ..batch import batch_generate
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+    task = plan.task
+    gen = {k: v for k, v in plan.generation.items() if k != "chat"}
+    with ResultsStore.open(out, plan.config, resume=resume) as store:
+        total = len(plan.items) * len(plan.strategies)
+        done = sum(store.is_done(item.id, name) for item in plan.items for name in plan.strategies)
+        if progress is not None:
+            progress(done, total, "")
+        for name, resolved in plan.strategies.items():
+            pending = [item for item in plan.items if not store.is_done(item.id, name)]
+            if not pending:
+                continue
+            prompts = [_prompt_ids(tokenizer, item, plan.chat) for item in pending]
+            started = datetime.now(timezone.utc)
+
+            def record(index: int, result, name=name, pending=pending, started=started):
+                nonlocal done
+                item = pending[index]
+                score = task.score(result.text, item)
+                store.append(
+                    EvalRecord(
+                        item_id=item.id,
+                        strategy=name,
+                        prompt=item.prompt if plan.chat else item.prompt_text,
+                        output=result.text,
+                        extracted=score.extracted,
+                        gold=item.gold,
+                        correct=score.correct,
+                        n_tokens=len(result.tokens),
+                        prompt_tokens=len(result.prompt_tokens),
+                        tokens_per_sec=result.generation_tps,
+                        hit_token_limit=result.finish_reason == "length",
+                        layers=result.layers,
+                        final_layer=result.num_layers - 1,
+                        started_at=started,
+                        finished_at=datetime.now(timezone.utc),
+                    )
+                )
+                done += 1
+                if progress is not None:
+                    progress(done, total, name)
+
+            batch_generate(
+                model_obj,
+                tokenizer,
+                prompts,
+                strategy=resolved,
+                batch_size=batch_size,
+                on_result=record,
+                **gen,
+            )
+        summary = summarize(store.records, plan.config.strategy_names)
+    return summary, store
