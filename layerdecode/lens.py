@@ -216,8 +216,9 @@ def plot_lens(
 
     Layers run up the y axis, positions along x; the colour is the entropy (``color=
     "entropy"``) or the top-1 probability (``"prob"``); each cell shows its top-1 token.
-    The layer the strategy chose at each generated position is boxed (red when its top
-    token differs from the final layer's).
+    Darker cells are more confident in both colourings. The layer the strategy chose at
+    each generated position is boxed (red when its top token differs from the final
+    layer's).
     """
     import matplotlib
 
@@ -236,9 +237,9 @@ def plot_lens(
     height = min(max(3.5, 1.9 + 0.24 * n_rows), 300.0)
     fig, ax = plt.subplots(figsize=(width, height))
     if color == "entropy":
-        cmap, vmin, vmax, label = "viridis_r", 0.0, max(float(values.max()), 1e-6), "entropy (nats)"
+        cmap, vmin, vmax, label = "viridis", 0.0, max(float(values.max()), 1e-6), "entropy (nats)"
     else:
-        cmap, vmin, vmax, label = "viridis", 0.0, 1.0, "top-1 probability"
+        cmap, vmin, vmax, label = "viridis_r", 0.0, 1.0, "top-1 probability"
     image = ax.imshow(
         values,
         origin="lower",
@@ -318,10 +319,11 @@ def lens_html(result: LensResult, *, color: str = "entropy", title: str = "logit
 
     values = result.entropies if color == "entropy" else result.probs
     vmax = max(float(values.max()), 1e-6) if color == "entropy" else 1.0
-    cmap = colormaps["viridis_r" if color == "entropy" else "viridis"]
+    cmap = colormaps["viridis" if color == "entropy" else "viridis_r"]
     row_of = {layer: i for i, layer in enumerate(result.layers)}
     disagree = set(result.disagreements())
     legend = "entropy (nats)" if color == "entropy" else "top-1 probability"
+    legend += "; darker = more confident"
     lines = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>",

@@ -147,17 +147,24 @@ def _hex(rgba) -> str:
     return "#{:02x}{:02x}{:02x}".format(*(int(255 * x) for x in rgba[:3]))
 
 
+SHADES = "█▓▒░ "  # most to least confident, so the grid reads without colour too
+
+
 def lens_grid(result: LensResult, *, color: str = "entropy") -> Text:
     """A one-character-per-cell picture of the lens: final layer on top, positions across.
 
-    Cells are coloured by entropy (dark: confident) or top-1 probability; ``●`` marks the
-    layer the strategy chose, ``✗`` where its top token differs from the final layer's.
+    Cells are shaded by entropy or top-1 probability (dark, dense: confident); ``●``
+    marks the layer the strategy chose, ``✗`` where its top token differs from the final
+    layer's.
     """
     from matplotlib import colormaps
 
-    values = result.entropies if color == "entropy" else result.probs
-    vmax = max(float(values.max()), 1e-6) if color == "entropy" else 1.0
-    cmap = colormaps["viridis_r" if color == "entropy" else "viridis"]
+    if color == "entropy":
+        vmax = max(float(result.entropies.max()), 1e-6)
+        confidence = 1.0 - result.entropies / vmax
+    else:
+        confidence = result.probs
+    cmap = colormaps["viridis"]
     disagree = set(result.disagreements())
     width = max(len(str(layer)) for layer in result.layers)
     text = Text()
@@ -165,17 +172,24 @@ def lens_grid(result: LensResult, *, color: str = "entropy") -> Text:
         layer = result.layers[row]
         text.append(f"{layer:>{width}} ", style="dim")
         for pos in range(result.num_positions):
-            bg = _hex(cmap(values[row, pos] / vmax))
+            level = float(min(max(confidence[row, pos], 0.0), 1.0))
+            shade = _hex(cmap(1.0 - level))
             if result.chosen_layers[pos] == layer:
                 mark = "✗" if (pos, layer) in disagree else "●"
-                text.append(mark, style=f"bold white on {bg}")
+                text.append(mark, style=f"bold {'red' if mark == '✗' else 'white'} on {shade}")
             else:
-                text.append(" ", style=f"on {bg}")
+                char = SHADES[min(int((1.0 - level) * len(SHADES)), len(SHADES) - 1)]
+                text.append(char, style=shade)
         text.append("\n")
     text.append(" " * (width + 1))
     for pos in range(result.num_positions):
         text.append("^" if pos == result.prompt_length - 1 else " ", style="dim")
-    text.append("  ^ last prompt position\n", style="dim")
+    text.append("  ^ first generated token predicted here\n", style="dim")
+    text.append(
+        f"{SHADES[0]} confident … {SHADES[-2]} unsure ({color}); ● chosen layer, "
+        "✗ chosen layer's top token differs from the final layer's\n",
+        style="dim",
+    )
     return text
 
 
