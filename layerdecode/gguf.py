@@ -212,30 +212,128 @@ def wrap_tokenizer(tokenizer):
 
 # -- reading -------------------------------------------------------------------------------
 
+# GGUF metadata value types: scalar struct formats, then string (8) and array (9).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+_STRING, _ARRAY = 8, 9
 
-def _open(path: str | os.PathLike):
-    from gguf import GGUFReader
 
+@dataclass
+class _Tensor:
+    name: str
+    dims: tuple[int, ...]  # ggml order: the row length first
+    kind: str  # tensor type name, e.g. "Q4_K"
+    data: np.ndarray  # raw bytes (quantised) or values (float), rows x row length
+
+
+@dataclass
+class _File:
+    fields: dict[str, Any]
+    tensors: list[_Tensor]
+
+
+def _open(path: str | os.PathLike) -> _File:
+    """Parse a GGUF file: metadata fully, tensors as views into a read-only memory map."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"GGUF file not found: {path}")
     try:
-        return GGUFReader(path)
+        buffer = np.memmap(path, dtype=np.uint8, mode="r")
+        return _parse(buffer, path)
+    except ModelError:
+        raise
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"{path} is not a readable GGUF file (truncated or corrupt?): {reason}")
+
+
+def _parse(buffer: np.ndarray, path: Path) -> _File:
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    raw = memoryview(buffer)
+    position = 0
+
+    def take(fmt: str):
+        nonlocal position
+        value = struct.unpack_from(fmt, raw, position)
+        position += struct.calcsize(fmt)
+        return value[0]
+
+    def string() -> str:
+        nonlocal position
+        size = take("<Q")
+        if position + size > len(raw):
+            raise ValueError("string runs past the end of the file")
+        position += size
+        return bytes(raw[position - size : position]).decode("utf-8", errors="replace")
+
+    def value(kind: int):
+        nonlocal position
+        if kind in _SCALARS:
+            return take(_SCALARS[kind])
+        if kind == _STRING:
+            return string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata type {kind}")
+        item, count = take("<I"), take("<Q")
+        if item in _SCALARS:
+            dtype = np.dtype(_SCALARS[item])
+            items = np.frombuffer(raw, dtype, count, position)
+            position += dtype.itemsize * count
+            return items.tolist()
+        return [value(item) for _ in range(count)]
+
+    if len(raw) < 24 or bytes(raw[:4]) != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF file (bad magic number).")
+    position = 4
+    version, tensor_count, field_count = take("<I"), take("<Q"), take("<Q")
+    if version not in (2, 3):
+        raise UnsupportedModelError(f"GGUF version {version} of {path} is not supported.")
+    fields = {}
+    for _ in range(field_count):
+        key = string()
+        fields[key] = value(take("<I"))
+    infos = []
+    for _ in range(tensor_count):
+        name = string()
+        dims = tuple(take("<Q") for _ in range(take("<I")))
+        infos.append((name, dims, take("<I"), take("<Q")))
+    alignment = int(fields.get("general.alignment", 32))
+    start = -(-position // alignment) * alignment
+
+    tensors = []
+    for name, dims, type_id, offset in infos:
+        try:
+            kind = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"GGUF tensor type {type_id} (tensor {name!r} in {path}) is not supported."
+            ) from None
+        block, size = GGML_QUANT_SIZES[kind]
+        row = dims[0] // block * size
+        shape = tuple(reversed(dims[1:])) + (row,)
+        begin = start + offset
+        end = begin + int(np.prod(shape))
+        if end > len(buffer):
+            raise ModelError(f"{path} is truncated: tensor {name!r} runs past the end of the file.")
+        data = buffer[begin:end].reshape(shape)
+        if kind.name in _FLOAT_TYPES:
+            data = data.view(np.float32 if kind.name == "F32" else np.float16)
+        tensors.append(_Tensor(name, dims, kind.name, data))
+    return _File(fields, tensors)
 
 
 _MISSING = object()
 
 
 def _metadata(reader, key: str, default: Any = _MISSING, *, path=None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.fields:
         if default is _MISSING:
             raise ModelError(f"GGUF file {path} lacks the metadata key {key!r}.")
         return default
-    return field.contents()
+    return reader.fields[key]
 
 
 def _config(reader, arch: str, path) -> dict[str, Any]:
@@ -282,9 +380,8 @@ def _weights(reader, arch: str, config: dict, dtype: str, path) -> dict[str, np.
     weights: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         name = _mlx_name(tensor.name, names, path)
-        kind = tensor.tensor_type.name
-        if dtype == "quantized" and kind in _NATIVE_BITS and name.endswith(".weight"):
-            arrays = _repack(tensor.data, kind, _rows(tensor))
+        if dtype == "quantized" and tensor.kind in _NATIVE_BITS and name.endswith(".weight"):
+            arrays = _repack(tensor.data, tensor.kind, _rows(tensor))
         else:
             arrays = {"weight": _dequantise(tensor, path).astype(float_dtype)}
         if arch == "gemma3" and name.endswith("norm.weight"):
@@ -316,19 +413,18 @@ def _mlx_name(name: str, block_names: dict[str, str], path) -> str:
 
 
 def _rows(tensor) -> tuple[int, int]:
-    cols = int(tensor.shape[0])
-    return int(np.prod(tensor.shape[1:])), cols
+    return int(np.prod(tensor.dims[1:])), int(tensor.dims[0])
 
 
-def _dequantise(tensor, path) -> np.ndarray:
+def _dequantise(tensor: _Tensor, path) -> np.ndarray:
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    kind = tensor.tensor_type.name
-    data = np.asarray(tensor.data)
+    kind = tensor.kind
     if kind in _FLOAT_TYPES:
-        return data
+        return np.asarray(tensor.data)
     try:
-        return dequantize(data, tensor.tensor_type)
+        return dequantize(np.asarray(tensor.data), GGMLQuantizationType[kind])
     except NotImplementedError:
         raise UnsupportedModelError(
             f"GGUF tensor type {kind} (tensor {tensor.name!r} in {path}) is not supported."
