@@ -738,6 +738,7 @@ def inspect(**kwargs: Any) -> None:
     prompt = prompt_ids(tokenizer, text, system=kwargs["system"], raw=kwargs["raw"])
 
     from rich.console import Console
+    from rich.text import Text
 
     from .adapters import get_adapter
     from .generate import generate
@@ -782,7 +783,7 @@ def inspect(**kwargs: Any) -> None:
         click.echo(json.dumps(data, ensure_ascii=False))
         return
     out = Console(highlight=False)
-    out.print(f"[bold]{title}[/]  output: {result.text!r}")
+    out.print(Text.assemble((title, "bold"), f"  output: {result.text!r}"))
     out.print(
         f"layers {lens.layers[0]}..{lens.layers[-1]} of 0..{num_layers - 1} × "
         f"{lens.num_positions} positions · colour: {kwargs['color']} · "
@@ -841,13 +842,11 @@ def strategies_list(as_json: bool) -> None:
         click.echo(json.dumps(rows, ensure_ascii=False))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="strategies and presets", title_justify="left")
-    for column in ("name", "kind", "strategy", "description", "source"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("name", "kind"))
-    for row in rows:
-        table.add_row(*(row[k] for k in ("name", "kind", "strategy", "description", "source")))
+    from .render import records_table
+
+    columns = ("name", "kind", "strategy", "description", "source")
+    table = records_table(rows, columns, title="strategies and presets", no_wrap=("name", "kind"))
     Console(highlight=False).print(table)
 
 
@@ -928,36 +927,34 @@ def strategies_show(name: str, as_json: bool) -> None:
         click.echo(json.dumps(data, ensure_ascii=False, default=str))
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
+
+    from .render import records_table
 
     out = Console(highlight=False)
     if preset is not None:
-        out.print(f"[bold]{preset.name}[/]: preset of strategy [bold]{strategy_name}[/]")
+        out.print(Text.assemble((preset.name, "bold"), ": preset of strategy ", strategy_name))
         if preset.description:
-            out.print(preset.description)
+            out.print(Text(preset.description))
         gen = data["preset"]["generation"]
         if gen:
             out.print("generation defaults: " + ", ".join(f"{k}={v}" for k, v in gen.items()))
         out.print("")
-    out.print(f"[bold]{strategy_name}[/] — {cls.description}")
-    out.print(f"source: {data['source']}", style="dim")
-    table = Table(title="params", title_justify="left")
-    columns = ["param", "type", "default"]
-    if preset is not None:
-        columns.append("preset")
-    columns.append("description")
-    for column in columns:
-        table.add_column(column, overflow="fold", no_wrap=column == "param")
-    for row in schema:
-        cells = [row["name"], row["type"], repr(row["default"])]
-        if preset is not None:
-            cells.append(repr(preset.params[row["name"]]) if row["name"] in preset.params else "")
-        cells.append(row["description"])
-        table.add_row(*cells)
+    out.print(Text.assemble((strategy_name, "bold"), f" — {cls.description}"))
+    out.print(Text(f"source: {data['source']}", style="dim"))
     if not schema:
         out.print("no params")
-    else:
-        out.print(table)
+        return
+    rows = []
+    for row in schema:
+        shown = {**row, "param": row["name"], "default": repr(row["default"])}
+        if preset is not None:
+            shown["preset"] = (
+                repr(preset.params[row["name"]]) if row["name"] in preset.params else ""
+            )
+        rows.append(shown)
+    columns = ["param", "type", "default"] + (["preset"] if preset is not None else [])
+    out.print(records_table(rows, [*columns, "description"], title="params", no_wrap=("param",)))
 
 
 @strategies.command("validate", context_settings=CONTEXT_SETTINGS)
@@ -1016,20 +1013,13 @@ def models_list(as_json: bool) -> None:
         click.echo(json.dumps(rows, ensure_ascii=False, default=str))
         return
     from rich.console import Console
-    from rich.table import Table
+
+    from .render import records_table
 
     columns: list[str] = []
     for row in rows:
-        for key, value in row.items():
-            if key not in columns and not isinstance(value, (dict, list)):
-                columns.append(key)
-    columns = columns[:6]
-    table = Table(title="models", title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console(highlight=False).print(table)
+        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, dict)]
+    Console(highlight=False).print(records_table(rows, columns[:7], title="models"))
 
 
 @models.command("pull", context_settings=CONTEXT_SETTINGS)
@@ -1063,15 +1053,10 @@ def models_info(name: str, as_json: bool) -> None:
         click.echo(json.dumps(info, ensure_ascii=False, default=str))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(show_header=False, title=name, title_justify="left")
-    table.add_column("key", style="bold", no_wrap=True)
-    table.add_column("value", overflow="fold")
-    for key, value in info.items():
-        shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(key, shown)
-    Console(highlight=False).print(table)
+    from .render import key_value_table
+
+    Console(highlight=False).print(key_value_table(info, title=name))
 
 
 def main() -> None:  # pragma: no cover - python -m layerdecode.cli

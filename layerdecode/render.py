@@ -23,6 +23,40 @@ DEPTH_BUCKETS: list[tuple[int, int | None, str]] = [
 ]
 
 
+def plain(value: Any) -> Text:
+    """A table cell shown literally (model output and file names may hold ``[...]``)."""
+    if isinstance(value, Text):
+        return value
+    return Text("" if value is None else str(value))
+
+
+def records_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str = "", no_wrap=()
+) -> Table:
+    """One row per record, the given keys as columns; nested values shown as JSON."""
+    import json
+
+    table = Table(title=title or None, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold", no_wrap=column in no_wrap)
+    for row in rows:
+        values = [row.get(c) for c in columns]
+        table.add_row(*(plain(json.dumps(v) if isinstance(v, (dict, list)) else v) for v in values))
+    return table
+
+
+def key_value_table(info: dict[str, Any], *, title: str = "") -> Table:
+    import json
+
+    table = Table(show_header=False, title=title or None, title_justify="left")
+    table.add_column("key", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
+        table.add_row(plain(key), plain(shown))
+    return table
+
+
 def layer_style(layer: int, num_layers: int) -> str:
     """The colour of a token decoded from ``layer`` (final layer: no colour)."""
     depth = num_layers - 1 - layer
@@ -112,7 +146,7 @@ def compare_table(
         ("mean depth", [f"{r.mean_depth:.2f}" for r in results]),
     ]
     for name, cells in rows:
-        table.add_row(name, *cells)
+        table.add_row(name, *(plain(c) for c in cells))
     return table
 
 
@@ -223,10 +257,10 @@ def lens_table(result: LensResult) -> Table:
             chosen_text, entropy, same = "(not shown)", "", ""
         table.add_row(
             str(pos),
-            token,
+            plain(token),
             Text(str(layer), style=layer_style(layer, result.num_layers) or "bold"),
-            final_text,
-            chosen_text,
+            plain(final_text),
+            plain(chosen_text),
             entropy,
             same,
         )
