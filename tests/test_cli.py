@@ -568,3 +568,35 @@ def test_real_model_generate():
     data = json.loads(out.stdout)
     assert "Paris" in data["text"]
     assert data["num_layers"] == 30 and set(data["layers"]) == {29}
+
+
+def test_tables_show_text_literally():
+    from rich.console import Console
+
+    from layerdecode.generate import GenerationResult
+    from layerdecode.render import compare_table
+
+    result = GenerationResult(
+        text="[bold]x[/bold] [1, 2]",
+        prompt_tokens=[1],
+        tokens=[7, 8],
+        layers=[3, 2],
+        entropies=[0.1, 0.2],
+        num_layers=4,
+        strategy={"name": "final", "params": {}},
+        finish_reason="length",
+        prompt_tps=1.0,
+        generation_tps=2.0,
+        peak_memory_gb=0.0,
+    )
+    console = Console(width=120, record=True)
+    console.print(compare_table("p", ["a", "b"], [result, result]))
+    text = console.export_text()
+    assert "[bold]x[/bold] [1, 2]" in text and "identical" in text and "50%" in text
+
+
+def test_strategies_show_preset_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nstrategy: fixed\nparams: {layer: 2}\n")
+    data = run_json("strategies", "show", str(path))
+    assert data["strategy"] == "fixed" and data["preset"]["params"] == {"layer": 2}
