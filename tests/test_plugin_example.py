@@ -1,0 +1,290 @@
+"""The example plugin in docs/examples/layerdecode-min-entropy, as the plugin tutorial builds it.
+
+Most tests run whether or not the package is installed: when it is not, the module is loaded
+from its source file and registered in-process with ``register_strategy``. The tests that
+need the entry point (and the command line, in a subprocess) skip unless it is installed,
+as CI does with ``pip install ./docs/examples/layerdecode-min-entropy``.
+
+Each test names the block of docs/plugins.md it mirrors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import layerdecode
+from layerdecode import registry
+from layerdecode.adapters import Adapter
+from layerdecode.config import read_preset
+from layerdecode.errors import ConfigError
+from layerdecode.registry import get_strategy, list_strategies, register_strategy
+from layerdecode.strategy import ModelFacts
+from layerdecode.taps import Capture
+from layerdecode.view import LayerView
+
+from .tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "docs" / "examples" / "layerdecode-min-entropy"
+SOURCE = EXAMPLE / "src" / "layerdecode_min_entropy" / "__init__.py"
+PRESET = EXAMPLE / "min-entropy-4.yaml"
+MODULE = "layerdecode_min_entropy"
+
+INSTALLED = importlib.util.find_spec(MODULE) is not None
+needs_install = pytest.mark.skipif(
+    not INSTALLED,
+    reason="the example plugin is not installed; run "
+    "'pip install ./docs/examples/layerdecode-min-entropy' to test its entry point",
+)
+
+
+def plugin_module():
+    """The installed module, or else the example's source file loaded under its own name."""
+    if INSTALLED or MODULE in sys.modules:
+        return importlib.import_module(MODULE)
+    spec = importlib.util.spec_from_file_location(MODULE, SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    registry.reset_strategy_registry()
+    yield
+    registry.reset_strategy_registry()
+
+
+@pytest.fixture
+def min_entropy():
+    """The strategy class, registered as 'min-entropy' (through its entry point if installed)."""
+    cls = plugin_module().MinEntropyStrategy
+    # Registering the class its entry point already registered is a no-op, not a clash.
+    register_strategy("min-entropy")(cls)
+    return cls
+
+
+# -- tiny tokenizer and model ---------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 211):
+    """A word-level tokenizer over ``vocab_size`` made-up words, wrapped as mlx-lm wraps one."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<user>", "<assistant>"]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return TokenizerWrapper(fast)
+
+
+def save_tiny_model(path: Path) -> Path:
+    """The 6-layer tiny llama and its tokenizer, saved as an mlx-lm model directory."""
+    from mlx_lm.utils import save_config, save_model
+
+    model = tiny_model("llama")
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_tokenizer()._tokenizer.save_pretrained(path)
+    save_model(path, model)
+    config = {k: v for k, v in vars(model.args).items() if v is not None}
+    config["max_position_embeddings"] = 512
+    save_config(config, path / "config.json")
+    return path
+
+
+# -- a LayerView over plain logits (as in test_strategies.py) -------------------------------
+
+
+def select_on(strategy, layer_logits: np.ndarray):
+    """Apply ``strategy`` to per-layer logits ``(layers, batch, vocab)``; identity head."""
+    num_layers = layer_logits.shape[0]
+    strategy.prepare(ModelFacts(num_layers, True, "test"))
+    adapter = Adapter(
+        model_type="test",
+        layers=[None] * num_layers,
+        norm=lambda h: h,
+        head=lambda h: h,
+        transform=None,
+        tied_embeddings=True,
+    )
+    capture = Capture(num_layers)
+    capture.outputs = [mx.array(layer_logits[i][:, None, :]) for i in range(num_layers)]
+    view = LayerView(adapter, capture, mx.array(layer_logits[-1]), strategy.exits())
+    decision = strategy.select(view)
+    mx.eval(decision.logits, decision.layers, decision.entropy)
+    return decision
+
+
+def np_entropy(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    lp = x - x.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    return -(np.exp(lp) * lp).sum(-1)
+
+
+# -- the tests ------------------------------------------------------------------------------
+
+
+# Mirrors plugins.md, step 1 (the params block).
+def test_params_are_validated(min_entropy):
+    assert get_strategy("min-entropy").params.window == 8
+    with pytest.raises(ConfigError) as err:
+        get_strategy("min-entropy", window=0)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("Invalid params for strategy 'min-entropy': window:")
+    assert "greater than or equal to 1" in message
+    with pytest.raises(ConfigError, match="unknown parameter 'windw'"):
+        get_strategy("min-entropy", windw=4)
+    with pytest.raises(ConfigError, match="window"):
+        get_strategy("min-entropy", window="4")  # strict: no silent coercion
+
+
+# Mirrors plugins.md, step 2 (the strategy class block).
+@pytest.mark.parametrize("window", [1, 3, 8, 50])
+def test_selects_global_minimum_like_numpy(min_entropy, window):
+    rng = np.random.default_rng(window)
+    # A random temperature per layer and row gives each row its own entropy profile.
+    layer_logits = rng.normal(size=(12, 16, 40)) * rng.uniform(0.2, 4.0, size=(12, 16, 1))
+    layer_logits = layer_logits.astype(np.float32)
+    decision = select_on(get_strategy("min-entropy", window=window), layer_logits)
+
+    first = max(0, 12 - window)
+    entropy = np_entropy(layer_logits)  # (layers, batch)
+    expected = first + entropy[first:].argmin(axis=0)
+    rows = np.arange(16)
+    np.testing.assert_array_equal(np.array(decision.layers), expected)
+    np.testing.assert_array_equal(np.array(decision.logits), layer_logits[expected, rows])
+    np.testing.assert_allclose(
+        np.array(decision.entropy), entropy[expected, rows], rtol=1e-4, atol=1e-5
+    )
+    if window > 1:  # not always the final layer: the test has something to check
+        assert len(set(expected.tolist())) > 1
+
+
+# Mirrors plugins.md, step 3 (the in-process block: register_strategy, then generate).
+def test_register_in_process_and_generate(min_entropy):
+    assert "min-entropy" in list_strategies()
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    num_layers = len(model.model.layers)
+    result = layerdecode.generate(
+        model,
+        tokenizer,
+        [5, 17, 42, 8, 99, 23],
+        strategy="min-entropy",
+        params={"window": 4},
+        max_tokens=12,
+    )
+    assert result.strategy == {"name": "min-entropy", "params": {"window": 4}}
+    assert len(result.layers) == len(result.tokens) > 0
+    assert all(num_layers - 4 <= layer < num_layers for layer in result.layers)
+    # window=1 leaves only the final layer: the model's own greedy output.
+    own = layerdecode.generate(model, tokenizer, [5, 17, 42, 8, 99, 23], max_tokens=12)
+    only_final = layerdecode.generate(
+        model,
+        tokenizer,
+        [5, 17, 42, 8, 99, 23],
+        strategy="min-entropy",
+        params={"window": 1},
+        max_tokens=12,
+    )
+    assert only_final.tokens == own.tokens
+
+
+# Mirrors plugins.md, step 5 (the preset block).
+def test_preset_file_is_valid_and_usable(min_entropy):
+    preset = read_preset(PRESET)
+    assert (preset.name, preset.strategy, preset.params) == (
+        "min-entropy-4",
+        "min-entropy",
+        {"window": 4},
+    )
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    result = layerdecode.generate(model, tokenizer, [5, 17, 42], strategy=str(PRESET), max_tokens=6)
+    assert result.strategy["params"] == {"window": 4}
+
+
+# Mirrors plugins.md, step 4 (the pyproject.toml block).
+@needs_install
+def test_entry_point_lists_plugin():
+    assert "min-entropy" in list_strategies()
+    source = registry.strategy_registry().source("min-entropy")
+    assert source == (
+        "layerdecode_min_entropy:MinEntropyStrategy (entry point of layerdecode-min-entropy)"
+    )
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("layerdecode")
+    return [exe] if exe else [sys.executable, "-m", "layerdecode.cli"]
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        _cli() + args, capture_output=True, text=True, timeout=120, env=env, **kwargs
+    )
+
+
+# Mirrors plugins.md, step 4 (the install-and-check commands block).
+@needs_install
+def test_cli_lists_plugin():
+    done = _run(["strategies", "list", "--json"])
+    assert done.returncode == 0, done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["min-entropy"]["kind"] == "plugin"
+    assert "layerdecode-min-entropy" in rows["min-entropy"]["source"]
+    done = _run(["strategies", "validate", str(PRESET)])
+    assert done.returncode == 0, done.stderr
+    assert "strategy 'min-entropy'" in done.stdout
+
+
+# Mirrors plugins.md, step 5 (the generate-with-the-preset command block).
+@needs_install
+def test_cli_generates_with_preset(tmp_path):
+    if importlib.util.find_spec("layerdecode.loading") is None:
+        pytest.skip("layerdecode.loading is not available, so the CLI cannot load a model")
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    done = _run(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--strategy",
+            str(PRESET),
+            "--prompt",
+            "w7 w8 w9",
+            "--raw",
+            "--max-tokens",
+            "6",
+            "--json",
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["strategy"]["name"] == "min-entropy"
+    assert data["strategy"]["preset"] == "min-entropy-4"
+    assert all(layer >= data["num_layers"] - 4 for layer in data["layers"])
