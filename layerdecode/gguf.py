@@ -147,12 +147,7 @@ def read_gguf(path: str | os.PathLike, *, dtype: str | None = None) -> GGUFModel
     if dtype not in DTYPES:
         raise ModelError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     reader = _open(path)
-    arch = _metadata(reader, "general.architecture", path=path)
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"GGUF architecture {arch!r} in {path} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}."
-        )
+    arch = _architecture(reader, path)
     config = _config(reader, arch, path)
     weights = _weights(reader, arch, config, dtype, path)
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
@@ -160,6 +155,16 @@ def read_gguf(path: str | os.PathLike, *, dtype: str | None = None) -> GGUFModel
     if quantised:
         config["quantization"] = _quantization_config(weights, quantised)
     return GGUFModel(config, weights, _tokenizer(reader, path))
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
+    """The mlx-lm config of a GGUF file and how many tensors it holds of each type."""
+    reader = _open(path)
+    arch = _architecture(reader, path)
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.kind] = types.get(tensor.kind, 0) + 1
+    return _config(reader, arch, path), types
 
 
 def build_model(config: dict[str, Any], weights: dict[str, np.ndarray]):
@@ -244,7 +249,8 @@ def _open(path: str | os.PathLike) -> _File:
         raise
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(f"{path} is not a readable GGUF file (truncated or corrupt?): {reason}")
+        message = f"{path} is not a readable GGUF file (truncated or corrupt?): {reason}"
+        raise ModelError(message) from None
 
 
 def _parse(buffer: np.ndarray, path: Path) -> _File:
@@ -334,6 +340,16 @@ def _metadata(reader, key: str, default: Any = _MISSING, *, path=None) -> Any:
             raise ModelError(f"GGUF file {path} lacks the metadata key {key!r}.")
         return default
     return reader.fields[key]
+
+
+def _architecture(reader, path) -> str:
+    arch = _metadata(reader, "general.architecture", path=path)
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} in {path} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}."
+        )
+    return arch
 
 
 def _config(reader, arch: str, path) -> dict[str, Any]:

@@ -1,0 +1,112 @@
+"""From a name or a path to ``(model, tokenizer)``.
+
+``load`` accepts, in this order of precedence:
+
+1. nothing: the default model, ``DEFAULT_MODEL``;
+2. the name of a shipped model manifest (``layerdecode models list``): fetched and converted into
+   the cache on first use (see ``layerdecode.manifests``), then loaded from there;
+3. a ``.gguf`` file: imported in memory (see ``layerdecode.gguf``);
+4. a local mlx-lm model directory;
+5. anything else that looks like ``owner/repo``: handed to ``mlx_lm.load`` (Hugging Face Hub).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from layerdecode.errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("float32", "bfloat16", "float16", "quantized")
+
+
+def default_dtype() -> str:
+    """The fastest dtype here: quantised weights on Metal, float32 on the CPU.
+
+    MLX's quantised matmul on the CPU is much slower than a float32 GEMM, while on Apple GPUs
+    the quantised kernels win because decoding is bound by memory bandwidth.
+    """
+    import mlx.core as mx
+
+    on_gpu = mx.default_device() == mx.gpu
+    if on_gpu and mx.metal.is_available():
+        return "quantized"
+    return "float32"
+
+
+def load(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Any, Any]:
+    """Load a model and its tokenizer as ``(model, mlx_lm TokenizerWrapper)``.
+
+    ``dtype``: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"quantized"`` (keep quantised
+    weights where the source has them; float sources stay float) or None for
+    ``default_dtype()``. ``progress`` receives one-line messages while a model is fetched.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    dtype = dtype or default_dtype()
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+
+    from layerdecode import manifests
+
+    if manifests.is_manifest_name(name):
+        folder = manifests.pull(name, dtype=dtype, progress=progress)
+        converted = folder == manifests.model_dir(name, dtype)
+        return _load_folder(folder, None if converted else dtype)
+
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" or path.is_file():
+        from layerdecode.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype)
+    if path.is_dir():
+        return _load_folder(path, dtype)
+    if _looks_like_repo_id(name):
+        return _load_folder(name, dtype)
+    manifests.get_manifest(name)  # raises the "Unknown model ... Did you mean" error
+    raise AssertionError("unreachable")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _load_folder(path: str | Path, dtype: str | None):
+    """``mlx_lm.load`` on a local directory or Hub repo, then cast to ``dtype`` if given."""
+    from mlx_lm.utils import load as mlx_load
+
+    try:
+        model, tokenizer = mlx_load(str(path))
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"Could not load the mlx-lm model {path}: {reason}") from None
+    if dtype is not None:
+        model = cast_model(model, dtype)
+    return model, tokenizer
+
+
+def cast_model(model, dtype: str):
+    """Dequantise and cast ``model`` to a float ``dtype``; ``"quantized"`` leaves it as is."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if dtype == "quantized":
+        return model
+    quantised = any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    )
+    if quantised:
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model
