@@ -1006,9 +1006,14 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def models_list(as_json: bool) -> None:
     """List the named models (manifests) and whether each is downloaded."""
-    from .manifests import list_manifests
+    from . import manifests
 
-    rows = [_as_dict(m) for m in list_manifests()]
+    rows = [_as_dict(m) for m in manifests.list_manifests()]
+    for row in rows:
+        try:
+            row["cached"] = bool(manifests.model_info(row["name"]).get("cached"))
+        except Exception:  # a broken cache entry must not hide the list
+            row["cached"] = False
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, default=str))
         return
@@ -1016,10 +1021,19 @@ def models_list(as_json: bool) -> None:
 
     from .render import records_table
 
-    columns: list[str] = []
     for row in rows:
-        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, dict)]
-    Console(highlight=False).print(records_table(rows, columns[:7], title="models"))
+        sources = row.get("sources")
+        if isinstance(sources, list):
+            row["sources"] = ", ".join(
+                str(s.get("kind", "?")) if isinstance(s, dict) else str(s) for s in sources
+            )
+    preferred = ("name", "architecture", "description", "licence", "sources", "cached")
+    columns = [c for c in preferred if any(c in row for row in rows)] or ["name"]
+    Console(highlight=False).print(
+        records_table(
+            rows, columns, title="models", no_wrap=("name", "architecture", "sources", "cached")
+        )
+    )
 
 
 @models.command("pull", context_settings=CONTEXT_SETTINGS)
