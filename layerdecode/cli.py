@@ -1027,11 +1027,12 @@ def models_list(as_json: bool) -> None:
             row["sources"] = ", ".join(
                 str(s.get("kind", "?")) if isinstance(s, dict) else str(s) for s in sources
             )
-    preferred = ("name", "architecture", "description", "licence", "sources", "cached")
+    # Licence and sources are long: "models info NAME" shows them.
+    preferred = ("name", "architecture", "cached", "description")
     columns = [c for c in preferred if any(c in row for row in rows)] or ["name"]
     Console(highlight=False).print(
         records_table(
-            rows, columns, title="models", no_wrap=("name", "architecture", "sources", "cached")
+            rows, columns, title="models", no_wrap=("name", "architecture", "cached", "sources")
         )
     )
 
