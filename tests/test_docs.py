@@ -101,3 +101,15 @@ def test_unmirrored_python_blocks_run(page, monkeypatch):
             continue
         code = compile(block["body"], f"{page}:{block['line']}", "exec")
         exec(code, namespace)
+
+
+def test_documented_generate_is_the_function_even_after_its_module_is_imported():
+    # The pages call layerdecode.generate(...); importing the submodule of the same name
+    # (as layerdecode.cli and layerdecode.batch do) must not replace the function.
+    import importlib
+
+    importlib.import_module("layerdecode.generate")
+    assert callable(layerdecode.generate), (
+        "layerdecode.generate is the submodule, not the function: the public name is "
+        "shadowed by the module layerdecode/generate.py"
+    )
