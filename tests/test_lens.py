@@ -64,6 +64,15 @@ def test_layers_subset_negative_and_chunking(model, monkeypatch):
     np.testing.assert_array_equal(part.final_top_ids, full.top_ids[-1])
 
 
+def test_mlx_and_numpy_paths_agree(model, monkeypatch):
+    fast = lens.logit_lens(model, _Tokenizer(), IDS)
+    monkeypatch.setattr(lens, "_numpy_head", lambda adapter: None)
+    slow = lens.logit_lens(model, _Tokenizer(), IDS)
+    np.testing.assert_array_equal(fast.top_ids, slow.top_ids)
+    np.testing.assert_allclose(fast.probs, slow.probs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fast.entropies, slow.entropies, rtol=1e-3, atol=1e-4)
+
+
 def test_bad_layers(model):
     with pytest.raises(ConfigError, match="out of range"):
         lens.logit_lens(model, _Tokenizer(), IDS, layers=[4])
