@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "layerdecode.loading",
-    "generate": "layerdecode.generate",
-    "stream_generate": "layerdecode.generate",
-    "generate_step": "layerdecode.generate",
-    "GenerationResult": "layerdecode.generate",
-    "LayerResponse": "layerdecode.generate",
+    "generate": "layerdecode.generation",
+    "stream_generate": "layerdecode.generation",
+    "generate_step": "layerdecode.generation",
+    "GenerationResult": "layerdecode.generation",
+    "LayerResponse": "layerdecode.generation",
     "register_strategy": "layerdecode.registry",
     "get_strategy": "layerdecode.registry",
     "list_strategies": "layerdecode.registry",

@@ -2,7 +2,7 @@
 
 Prompts are prefilled with mlx-lm's own batch machinery (``PromptProcessingBatch``:
 per-prompt caches merged into batch caches, right-padded prefill rolled into left
-padding), then decoded by a loop like :func:`layerdecode.generate.generate_step` over
+padding), then decoded by a loop like :func:`layerdecode.generation.generate_step` over
 ``(batch, ...)`` arrays. Rows finish at their own end-of-sequence token or budget and are
 filtered out of the caches, so a finished row stops costing compute.
 """
@@ -24,7 +24,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .adapters import Adapter, get_adapter
 from .config import ResolvedStrategy, resolve_strategy
 from .errors import ConfigError, LayerdecodeError
-from .generate import GenerationResult, encode_prompt, make_generation_options
+from .generation import GenerationResult, encode_prompt, make_generation_options
 from .strategy import Decision, ModelFacts, Strategy
 from .taps import install_taps
 from .view import LayerView

@@ -377,7 +377,7 @@ def run_generate(
     from rich.console import Console
     from rich.text import Text
 
-    from .generate import GenerationResult, encode_prompt, stream_generate
+    from .generation import GenerationResult, encode_prompt, stream_generate
     from .render import layer_legend, layer_style, summary_line
 
     out = Console(highlight=False, soft_wrap=True)
@@ -494,7 +494,7 @@ def generate_all(model, tokenizer, prompts, resolved, *, batch_size, max_tokens,
             **sampling,
         )
         return results
-    from .generate import generate
+    from .generation import generate
 
     results = []
     for prompt in prompts:
@@ -741,7 +741,7 @@ def inspect(**kwargs: Any) -> None:
     from rich.text import Text
 
     from .adapters import get_adapter
-    from .generate import generate
+    from .generation import generate
     from .lens import lens_html, logit_lens, plot_lens
     from .render import lens_grid, lens_table
 

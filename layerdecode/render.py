@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from .generate import GenerationResult
+    from .generation import GenerationResult
     from .lens import LensResult
 
 # Depth below the final layer -> colour; deeper is warmer. (low, high) inclusive, high=None: open.

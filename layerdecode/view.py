@@ -30,21 +30,27 @@ class Exit:
 
 
 def entropy_of(logits: mx.array) -> mx.array:
-    """Shannon entropy (nats) over the last axis of unnormalised logits, in float32."""
+    """Shannon entropy (nats) over the last axis of unnormalised logits, in float32.
+
+    ``H = log Z - sum(e * d) / Z`` with ``d = x - max(x)``, ``e = exp(d)``, ``Z = sum(e)``:
+    one exponential per element. Masked (``-inf``) logits contribute nothing.
+    """
     logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    shifted = logits - mx.max(logits, axis=-1, keepdims=True)
+    weights = mx.exp(shifted)
+    total = mx.sum(weights, axis=-1)
     # exp(-inf) * -inf is nan; such terms contribute 0 to the entropy.
-    terms = mx.where(mx.isinf(logprobs), 0.0, mx.exp(logprobs) * logprobs)
-    return -mx.sum(terms, axis=-1)
+    terms = mx.where(weights > 0, weights * shifted, 0.0)
+    return mx.log(total) - mx.sum(terms, axis=-1) / total
 
 
 class LayerView:
     """Per-layer hidden states, logits, logprobs and entropy for the last position.
 
     Everything is an unevaluated ``mx.array`` with the batch dimension first. The logits of
-    the exits the strategy declared are computed together: one head call for all normed
-    exits and one for all raw ones. The final layer's normed logits are the model's own
-    output, untouched.
+    the exits the strategy declared are computed together, in one head call. The model's
+    own output is always available as :attr:`final_logits` (and as the final layer's logits
+    when no other exit was declared); it costs nothing unless a strategy uses it.
     """
 
     def __init__(
@@ -60,18 +66,30 @@ class LayerView:
         self._capture = capture
         self._final_logits = final_logits
         self.batch_size = final_logits.shape[0]
-        self._logits: dict[tuple[int, bool], mx.array] = {(self.final_layer, True): final_logits}
+        self._logits: dict[tuple[int, bool], mx.array] = {}
         self._entropy: dict[tuple[int, bool], mx.array] = {}
-        for norm in (True, False):
-            layers = sorted(
-                {e.layer for e in exits if e.norm == norm} - ({self.final_layer} if norm else set())
-            )
-            if not layers:
-                continue
-            stacked = mx.stack([self.hidden(layer) for layer in layers])
-            decoded = adapter.decode(stacked, norm=norm)
-            for i, layer in enumerate(layers):
-                self._logits[(layer, norm)] = decoded[i]
+        self._position: dict[tuple[int, bool], int] = {}
+        self._stack = None
+        final = (self.final_layer, True)
+        wanted = list(dict.fromkeys((e.layer, e.norm) for e in exits))
+        if wanted in ([], [final]):
+            # Alone, the final layer is the model's own output, bit for bit.
+            self._logits[final] = final_logits
+            return
+        # Every exit goes through the head in one call: one pass over the head's weights,
+        # which costs about as much as decoding a single row. The model's own head output is
+        # then never evaluated.
+        normed = [key for key in wanted if key[1]]
+        raw = [key for key in wanted if not key[1]]
+        parts = []
+        if normed:
+            parts.append(adapter.norm(mx.stack([self.hidden(layer) for layer, _ in normed])))
+        if raw:
+            parts.append(mx.stack([self.hidden(layer) for layer, _ in raw]))
+        stacked = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        self._stack = adapter.decode(stacked, norm=False)
+        for position, key in enumerate(normed + raw):
+            self._position[key] = position
 
     def hidden(self, layer: int) -> mx.array:
         """Hidden state ``(batch, hidden_size)`` at the last position after ``layer``."""
@@ -86,13 +104,17 @@ class LayerView:
 
     def logits(self, layer: int, *, norm: bool = True) -> mx.array:
         """Logits ``(batch, vocab)`` of one exit. It must be among the declared exits."""
-        try:
-            return self._logits[(layer, norm)]
-        except KeyError:
-            self._check_layer(layer)
-            raise KeyError(
-                f"layer {layer} (norm={norm}) was not declared by the strategy's exits()"
-            ) from None
+        key = (layer, norm)
+        if key not in self._logits:
+            if key == (self.final_layer, True) and key not in self._position:
+                return self._final_logits
+            if key not in self._position:
+                self._check_layer(layer)
+                raise KeyError(
+                    f"layer {layer} (norm={norm}) was not declared by the strategy's exits()"
+                )
+            self._logits[key] = self._stack[self._position[key]]
+        return self._logits[key]
 
     def logprobs(self, layer: int, *, norm: bool = True) -> mx.array:
         """Log-probabilities ``(batch, vocab)`` of one exit, in float32."""
@@ -108,7 +130,16 @@ class LayerView:
 
     def stack_logits(self, layers: Sequence[int], *, norm: bool = True) -> mx.array:
         """Logits ``(len(layers), batch, vocab)`` of several exits."""
+        positions = [self._position.get((layer, norm)) for layer in layers]
+        first = positions[0] if positions else None
+        if first is not None and positions == list(range(first, first + len(layers))):
+            return self._stack[first : first + len(layers)]  # already stacked: no copy
         return mx.stack([self.logits(layer, norm=norm) for layer in layers])
+
+    @property
+    def decoded(self) -> list[tuple[int, bool]]:
+        """The exits decoded in this step, as (layer, norm) pairs."""
+        return sorted(set(self._logits) | set(self._position))
 
     @property
     def final_logits(self) -> mx.array:

@@ -9,7 +9,7 @@ import pytest
 
 from layerdecode.batch import batch_generate_step
 from layerdecode.errors import ConfigError, LayerdecodeError
-from layerdecode.generate import generate_step
+from layerdecode.generation import generate_step
 from layerdecode.registry import get_strategy
 
 from .tiny_models import tiny_model

@@ -286,7 +286,7 @@ def test_generate_stdin_env_and_seed(tiny_model):
 
 
 def test_generate_ctrl_c_keeps_output(tiny_model, monkeypatch):
-    import layerdecode.generate as gen
+    import layerdecode.generation as gen
 
     real = gen.stream_generate
 
@@ -573,7 +573,7 @@ def test_real_model_generate():
 def test_tables_show_text_literally():
     from rich.console import Console
 
-    from layerdecode.generate import GenerationResult
+    from layerdecode.generation import GenerationResult
     from layerdecode.render import compare_table
 
     result = GenerationResult(

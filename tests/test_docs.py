@@ -104,15 +104,15 @@ def test_unmirrored_python_blocks_run(page, monkeypatch):
 
 
 def test_documented_generate_is_the_function_even_after_its_module_is_imported():
-    # The pages call layerdecode.generate(...); importing the submodule of the same name
-    # (as layerdecode.cli and layerdecode.batch do) must not replace the function. A fresh
-    # interpreter, since this process may have imported either first.
+    # The pages call layerdecode.generate(...); importing the submodules (as layerdecode.cli
+    # and layerdecode.batch do) must not replace the function with a module of that name. A
+    # fresh interpreter, since this process may have imported either first.
     import subprocess
     import sys
 
-    code = "import layerdecode.generate, layerdecode; print(callable(layerdecode.generate))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.stdout.strip() == "True", (
-        "layerdecode.generate is the submodule, not the function, once layerdecode/generate.py "
-        "has been imported: the public name is shadowed by the module of the same name"
+    code = (
+        "import layerdecode.generation, layerdecode.batch, layerdecode.cli, layerdecode; "
+        "print(callable(layerdecode.generate), callable(layerdecode.stream_generate))"
     )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "True True", done.stderr

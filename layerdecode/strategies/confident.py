@@ -14,7 +14,7 @@ from typing import Literal
 import mlx.core as mx
 from pydantic import Field, model_validator
 
-from ..strategy import Decision, ModelFacts, Strategy, StrategyParams
+from ..strategy import Decision, ModelFacts, Strategy, StrategyParams, final_layer_decision
 from ..view import Exit, LayerView, entropy_of
 
 Method = Literal[
@@ -105,11 +105,16 @@ class ConfidentStrategy(Strategy):
         self._key = mx.random.key(params.seed) if params.seed is not None else None
 
     def exits(self) -> list[Exit]:
+        if self.params.p == 0.0:
+            return []
         if self.fixed_layer is not None:
             return [Exit(self.fixed_layer), Exit(self.model.num_layers - 1)]
         return [Exit(layer) for layer in self.candidates]
 
     def select(self, view: LayerView) -> Decision:
+        if self.params.p == 0.0:
+            # Never the selected layer: the model's own output, with nothing else decoded.
+            return final_layer_decision(view)
         if self.fixed_layer is not None:
             layers = [self.fixed_layer, view.final_layer]
             stacked = view.stack_logits(layers)

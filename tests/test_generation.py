@@ -9,7 +9,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from layerdecode.config import GenerationDefaults
 from layerdecode.errors import ConfigError
-from layerdecode.generate import generate_step, make_generation_options
+from layerdecode.generation import generate_step, make_generation_options
 from layerdecode.registry import get_strategy
 from layerdecode.strategy import Decision, Strategy, StrategyParams
 from layerdecode.view import Exit
@@ -93,14 +93,14 @@ class CountingStrategy(Strategy):
         return [Exit(1)]
 
     def select(self, view):
-        self.decoded = sorted(view._logits)
+        self.decoded = view.decoded
         return Decision(view.logits(1), mx.full((view.batch_size,), 1), view.entropy(1))
 
 
 def test_only_declared_exits_are_decoded():
     strategy = CountingStrategy()
     steps = our_steps(tiny_model("llama"), strategy, n=3)
-    assert strategy.decoded == [(1, True), (5, True)]  # the declared one + the model output
+    assert strategy.decoded == [(1, True)]  # the declared exit only
     assert {s.layer for s in steps} == {1}
 
 
