@@ -800,6 +800,171 @@ def inspect(**kwargs: Any) -> None:
 # --------------------------------------------------------------------------- strategies
 
 
+@cli.command("eval", context_settings=CONTEXT_SETTINGS, short_help="Score strategies on a task.")
+@model_options
+@click.option(
+    "-t",
+    "--task",
+    required=True,
+    metavar="TASK",
+    help="Task recipe: gsm8k, svamp, choice or bbh (prompt template, answer extraction, scoring).",
+)
+@click.option(
+    "-d",
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Data file in the task's format (JSONL; CSV for choice; JSON for bbh).",
+)
+@click.option(
+    "-s",
+    "--strategies",
+    default="final,confident,dola",
+    show_default=True,
+    metavar="A,B,...",
+    help="Comma-separated strategies, presets or YAML files; the first is the baseline of "
+    "the paired comparisons.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most this many items.")
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Items to skip."
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=0),
+    help="Worked examples shown before each question [default: 0, zero-shot].",
+)
+@click.option(
+    "--exemplars",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="File to take the worked examples from [default: the data file, skipping the item].",
+)
+@click.option(
+    "-T",
+    "--task-option",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Further task option (repeatable): system_prompt, instruction, exemplar_format.",
+)
+@click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
+@_max_tokens_option(256)
+@sampling_options
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts decoded together in one batch.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.jsonl",
+    help="Results file, one record per (item, strategy) [default: eval-TASK-TIME.jsonl].",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue the results file given with --out where it stopped."
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.png",
+    help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def eval_command(**kwargs: Any) -> None:
+    """Measure strategies on reasoning data: accuracy, paired comparison, layers, loops.
+
+    Every (item, strategy) pair is generated (greedy by default), scored, and appended to the
+    results file as soon as it is done; after an interruption, '--resume' continues where
+    the run stopped. The summary gives per strategy the accuracy with a 95% Wilson interval,
+    the items won and lost against the first strategy with an exact McNemar p-value, tokens/s,
+    the share of tokens from a non-final layer and how many generations hit --max-tokens
+    (usually a repetition loop).
+    """
+    import datetime
+
+    if kwargs["resume"] and not kwargs["out"]:
+        raise _usage("--resume needs --out: the results file to continue.")
+    specs = [s.strip() for s in kwargs["strategies"].split(",") if s.strip()]
+    if not specs:
+        raise _usage("--strategies is empty: name at least one, e.g. final,confident.")
+    task_options = parse_params(kwargs["task_options"])
+    if kwargs["shots"] is not None:
+        task_options["shots"] = kwargs["shots"]
+    if kwargs["exemplars"]:
+        task_options["exemplars"] = kwargs["exemplars"]
+    from .eval.runner import plan_eval, run_eval
+
+    plan = plan_eval(
+        model=kwargs["model"] or DEFAULT_MODEL_NAME,
+        task=kwargs["task"],
+        data=kwargs["data"],
+        strategies=specs,
+        task_options=task_options,
+        offset=kwargs["offset"],
+        limit=kwargs["limit"],
+        chat=not kwargs["raw"],
+        max_tokens=kwargs["max_tokens"],
+        **_sampling(kwargs),
+    )
+    out = kwargs["out"] or (
+        f"eval-{kwargs['task']}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.jsonl"
+    )
+    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    err = _stderr_console()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        bar = progress.add_task("eval", total=len(plan.items) * len(plan.strategies))
+
+        def advance(done: int, total: int, strategy: str) -> None:
+            progress.update(bar, completed=done, total=total, description=strategy or "eval")
+
+        summary, store = run_eval(
+            model,
+            tokenizer,
+            plan,
+            out,
+            resume=kwargs["resume"],
+            batch_size=kwargs["batch_size"],
+            progress=advance,
+        )
+    from .eval.stats import plot_summary, render_summary
+
+    if store.dropped_bytes:
+        err.print(f"recovered {out}: dropped an incomplete last record ({store.dropped_bytes} B)")
+    if kwargs["plot"]:
+        plot_summary(summary, kwargs["plot"], title=f"{kwargs['task']}: {plan.config.model}")
+    if kwargs["as_json"]:
+        click.echo(json.dumps({"results": str(out), **summary.to_dict()}, indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        console.print(render_summary(summary, title=f"{kwargs['task']} ({out})"))
+        err.print(f"results: {out}" + (f"  plot: {kwargs['plot']}" if kwargs["plot"] else ""))
+
+
 @cli.group(context_settings=CONTEXT_SETTINGS, short_help="List, show and validate strategies.")
 def strategies() -> None:
     """List, describe and validate strategies and YAML presets."""
