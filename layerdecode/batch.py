@@ -215,6 +215,16 @@ def batch_generate_step(
         y, decision = next_y, next_decision
 
 
+def detokenize(tokenizer: TokenizerWrapper, tokens: Sequence[int]) -> str:
+    """Text of ``tokens`` exactly as the streaming detokenizer of a single run makes it."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
+
+
 @dataclass
 class BatchStats:
     """Aggregate timing of a batched run."""
@@ -304,7 +314,7 @@ def batch_generate(
         row = rows[i]
         elapsed = max(time.perf_counter() - run_tic, 1e-9)
         results[i] = GenerationResult(
-            text=tokenizer.decode(row["tokens"]),
+            text=detokenize(tokenizer, row["tokens"]),
             prompt_tokens=encoded[i],
             tokens=row["tokens"],
             layers=row["layers"],
