@@ -109,7 +109,8 @@ def load_gguf(path: str | os.PathLike, *, dtype: str | None = None):
     float16) or one of ``"float32"``, ``"float16"``, ``"bfloat16"`` (everything dequantised).
     """
     contents = read_gguf(path, dtype=dtype)
-    return build_model(contents.config, contents.weights), wrap_tokenizer(contents.tokenizer)
+    model = build_model(contents.config, contents.weights, dtype=dtype)
+    return model, wrap_tokenizer(contents.tokenizer)
 
 
 def convert_gguf(
@@ -125,7 +126,7 @@ def convert_gguf(
 
     out_dir = Path(out_dir)
     contents = read_gguf(gguf_path, dtype=dtype)
-    model = build_model(contents.config, contents.weights)
+    model = build_model(contents.config, contents.weights, dtype=dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -167,8 +168,8 @@ def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]
     return _config(reader, arch, path), types
 
 
-def build_model(config: dict[str, Any], weights: dict[str, np.ndarray]):
-    """Instantiate the mlx-lm model class for ``config`` and load ``weights`` into it."""
+def build_model(config: dict[str, Any], weights: dict[str, np.ndarray], dtype: str | None = None):
+    """Instantiate the mlx-lm model class for ``config``, load ``weights``, cast float ``dtype``."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -192,6 +193,8 @@ def build_model(config: dict[str, Any], weights: dict[str, np.ndarray]):
             class_predicate=predicate,
         )
     model.load_weights(list(arrays.items()), strict=True)
+    if dtype in ("float32", "float16", "bfloat16"):
+        model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     model.eval()
     return model
