@@ -8,7 +8,7 @@ no Python branching on array values, so the core loop keeps its asynchronous pip
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -116,7 +116,3 @@ def final_layer_decision(view: LayerView) -> Decision:
         layers=mx.full((view.batch_size,), final, dtype=mx.int32),
         entropy=view.entropy(final),
     )
-
-
-def params_summary(strategy: Strategy) -> Mapping[str, Any]:
-    return {"name": strategy.name, "params": strategy.resolved_params()}
