@@ -80,6 +80,15 @@ def _log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
+def _softmax_and_log(x: mx.array) -> tuple[mx.array, mx.array]:
+    """Probabilities and log-probabilities over the last axis with one exp per element."""
+    shifted = x.astype(mx.float32)
+    shifted = shifted - mx.max(shifted, axis=-1, keepdims=True)
+    weights = mx.exp(shifted)
+    total = mx.sum(weights, axis=-1, keepdims=True)
+    return weights / total, shifted - mx.log(total)
+
+
 class DoLaStrategy(Strategy):
     name = "dola"
     description = "DoLa: contrast the final layer with the most divergent earlier layer (HF)."
@@ -104,30 +113,32 @@ class DoLaStrategy(Strategy):
 
     def select(self, view: LayerView) -> Decision:
         norm = self.params.premature_norm
-        final_lp = _log_softmax(view.final_logits)
+        final = view.final_layer
+        final_p, final_lp = _softmax_and_log(view.logits(final))
         if len(self.premature) == 1:
             chosen = mx.zeros((view.batch_size,), dtype=mx.int32)
             base_lp = _log_softmax(view.logits(self.premature[0], norm=norm))
         else:
-            premature_lp = _log_softmax(view.stack_logits(self.premature, norm=norm))
-            chosen = mx.argmax(self._js_divergence(final_lp, premature_lp), axis=0)
-            chosen = chosen.astype(mx.int32)
+            premature_p, premature_lp = _softmax_and_log(
+                view.stack_logits(self.premature, norm=norm)
+            )
+            divergence = self._js_divergence(final_p, final_lp, premature_p, premature_lp)
+            chosen = mx.argmax(divergence, axis=0).astype(mx.int32)
             base_lp = mx.take_along_axis(premature_lp, chosen[None, :, None], axis=0)[0]
         # Relative-top plausibility: keep tokens within relative_top of the best one.
         threshold = mx.max(final_lp, axis=-1, keepdims=True) + math.log(self.params.relative_top)
         logits = mx.where(final_lp < threshold, -mx.inf, final_lp - base_lp)
-        final = view.final_layer
         return Decision(
             logits=logits,
             layers=mx.full((view.batch_size,), final, dtype=mx.int32),
-            entropy=view.entropy(final),
+            entropy=-mx.sum(final_p * final_lp, axis=-1),
             extras={"premature_layer": mx.array(self.premature, dtype=mx.int32)[chosen]},
         )
 
     @staticmethod
-    def _js_divergence(final_lp: mx.array, premature_lp: mx.array) -> mx.array:
+    def _js_divergence(final_p, final_lp, premature_p, premature_lp) -> mx.array:
         """HF's JS divergence ``(K, batch)``: KL(M||final) and KL(M||premature), vocab-mean."""
-        mixture = 0.5 * (mx.exp(final_lp)[None] + mx.exp(premature_lp))
+        mixture = 0.5 * (final_p[None] + premature_p)
         log_mixture = mx.log(mixture)
 
         def kl_to(lp):  # torch's kl_div(lp, M): M * (log M - lp), with 0 where M == 0
