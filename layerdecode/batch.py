@@ -22,9 +22,9 @@ from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .adapters import Adapter, get_adapter
-from .config import ResolvedStrategy, resolve_strategy
+from .config import ResolvedStrategy
 from .errors import ConfigError, LayerdecodeError
-from .generation import GenerationResult, encode_prompt, make_generation_options
+from .generation import GenerationResult, encode_prompt, prepare_generation
 from .strategy import Decision, ModelFacts, Strategy
 from .taps import install_taps
 from .view import LayerView
@@ -265,17 +265,14 @@ def batch_generate(
     ``on_result`` (called with (prompt index, result) as soon as a prompt finishes, with
     the speeds measured so far). The returned results carry the whole run's speeds.
     """
-    resolved = resolve_strategy(strategy, params)
     if not prompts:
         raise ConfigError("No prompts given: pass at least one prompt.")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
-    if max_tokens is None:
-        max_tokens = resolved.generation.max_tokens or 256
-    if max_tokens <= 0:
-        raise ConfigError(f"max_tokens must be positive, got {max_tokens}.")
-    sampler, processors = make_generation_options(
-        resolved.generation,
+    resolved, max_tokens, sampler, processors = prepare_generation(
+        strategy,
+        params,
+        max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=logits_processors,
         temp=temp,
@@ -284,9 +281,8 @@ def batch_generate(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         repetition_context_size=repetition_context_size,
+        seed=seed,
     )
-    if seed is not None:
-        mx.random.seed(seed)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     encoded = []

@@ -240,6 +240,32 @@ def make_generation_options(
     return sampler, processors
 
 
+def prepare_generation(
+    strategy: str | Strategy | ResolvedStrategy | None,
+    params: dict[str, Any] | None,
+    *,
+    max_tokens: int | None,
+    unlimited_ok: bool = False,
+    seed: int | None = None,
+    **options: Any,
+) -> tuple[ResolvedStrategy, int, Sampler | None, list[LogitsProcessor]]:
+    """Resolve the strategy, check ``max_tokens`` and build the sampler and processors.
+
+    ``options`` are the sampler/processor options of :func:`make_generation_options`;
+    ``seed`` seeds MLX's random state.
+    """
+    resolved = resolve_strategy(strategy, params)
+    if max_tokens is None:
+        max_tokens = resolved.generation.max_tokens or 256
+    if max_tokens <= 0 and not (unlimited_ok and max_tokens == -1):
+        extra = " (or -1 for no limit)" if unlimited_ok else ""
+        raise ConfigError(f"max_tokens must be positive{extra}, got {max_tokens}.")
+    sampler, processors = make_generation_options(resolved.generation, **options)
+    if seed is not None:
+        mx.random.seed(seed)
+    return resolved, max_tokens, sampler, processors
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
@@ -274,13 +300,11 @@ def stream_generate(
         seed: seeds MLX's random state before generating.
         kwargs: passed to :func:`generate_step` (``max_kv_size``, ``prompt_cache``...).
     """
-    resolved = resolve_strategy(strategy, params)
-    if max_tokens is None:
-        max_tokens = resolved.generation.max_tokens or 256
-    if max_tokens == 0 or max_tokens < -1:
-        raise ConfigError(f"max_tokens must be positive (or -1 for no limit), got {max_tokens}.")
-    sampler, processors = make_generation_options(
-        resolved.generation,
+    resolved, max_tokens, sampler, processors = prepare_generation(
+        strategy,
+        params,
+        max_tokens=max_tokens,
+        unlimited_ok=True,
         sampler=sampler,
         logits_processors=logits_processors,
         temp=temp,
@@ -289,9 +313,8 @@ def stream_generate(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         repetition_context_size=repetition_context_size,
+        seed=seed,
     )
-    if seed is not None:
-        mx.random.seed(seed)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = encode_prompt(tokenizer, prompt)
