@@ -377,21 +377,20 @@ def run_generate(
     from rich.console import Console
     from rich.text import Text
 
-    from .generation import GenerationResult, encode_prompt, stream_generate
+    from .generation import ResultCollector, encode_prompt, stream_generate
     from .render import layer_legend, layer_style, summary_line
 
     out = Console(highlight=False, soft_wrap=True)
     err = _stderr_console()
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else prompt
     ids = [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-    pieces, tokens, layers, entropies, extras = [], [], [], [], {}
-    last = None
+    collector = ResultCollector(ids, resolved.strategy)
     interrupted = False
     try:
         for response in stream_generate(
             model, tokenizer, ids, strategy=resolved, max_tokens=max_tokens, **sampling
         ):
-            last = response
+            collector.add(response)
             if not as_json and response.text:
                 if show_layers:
                     style = layer_style(response.layer, response.num_layers)
@@ -399,34 +398,13 @@ def run_generate(
                 else:
                     click.echo(response.text, nl=False)
                     sys.stdout.flush()
-            pieces.append(response.text)
-            if response.finish_reason == "stop":
-                break
-            tokens.append(response.token)
-            layers.append(response.layer)
-            entropies.append(response.entropy)
-            for key, value in response.extras.items():
-                extras.setdefault(key, []).append(value)
     except KeyboardInterrupt:
         interrupted = True
-    if last is None:
+    if collector.last is None:
         if interrupted:
             raise click.Abort()
         return
-    result = GenerationResult(
-        text="".join(pieces),
-        prompt_tokens=ids,
-        tokens=tokens,
-        layers=layers,
-        entropies=entropies,
-        num_layers=last.num_layers,
-        strategy={"name": resolved.strategy.name, "params": resolved.strategy.resolved_params()},
-        finish_reason="interrupted" if interrupted else (last.finish_reason or "length"),
-        prompt_tps=last.prompt_tps,
-        generation_tps=last.generation_tps,
-        peak_memory_gb=last.peak_memory,
-        extras=extras,
-    )
+    result = collector.result("interrupted" if interrupted else None)
     if as_json:
         data = {"model": model_name, **result.to_dict()}
         if resolved.preset is not None:

@@ -439,28 +439,52 @@ def generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt)
-    text, tokens, layers, entropies, extras = [], [], [], [], {}
-    response = None
+    collector = ResultCollector(prompt_ids.tolist(), resolved.strategy)
     for response in stream_generate(model, tokenizer, prompt_ids, strategy=resolved, **kwargs):
-        text.append(response.text)
+        collector.add(response)
+    return collector.result()
+
+
+class ResultCollector:
+    """Builds a :class:`GenerationResult` from the responses of :func:`stream_generate`."""
+
+    def __init__(self, prompt_tokens: Sequence[int], strategy: Strategy) -> None:
+        self.prompt_tokens = [int(t) for t in prompt_tokens]
+        self.strategy = {"name": strategy.name, "params": strategy.resolved_params()}
+        self.pieces: list[str] = []
+        self.tokens: list[int] = []
+        self.layers: list[int] = []
+        self.entropies: list[float] = []
+        self.extras: dict[str, list[int]] = {}
+        self.last: LayerResponse | None = None
+
+    def add(self, response: LayerResponse) -> None:
+        self.last = response
+        self.pieces.append(response.text)
         if response.finish_reason == "stop":
-            break
-        tokens.append(response.token)
-        layers.append(response.layer)
-        entropies.append(response.entropy)
+            return  # the end-of-sequence token is not part of the output
+        self.tokens.append(response.token)
+        self.layers.append(response.layer)
+        self.entropies.append(response.entropy)
         for key, value in response.extras.items():
-            extras.setdefault(key, []).append(value)
-    return GenerationResult(
-        text="".join(text),
-        prompt_tokens=[int(t) for t in prompt_ids.tolist()],
-        tokens=tokens,
-        layers=layers,
-        entropies=entropies,
-        num_layers=response.num_layers,
-        strategy={"name": resolved.strategy.name, "params": resolved.strategy.resolved_params()},
-        finish_reason=response.finish_reason,
-        prompt_tps=response.prompt_tps,
-        generation_tps=response.generation_tps,
-        peak_memory_gb=response.peak_memory,
-        extras=extras,
-    )
+            self.extras.setdefault(key, []).append(value)
+
+    def result(self, finish_reason: str | None = None) -> GenerationResult:
+        """The result so far; ``finish_reason`` overrides the last response's."""
+        last = self.last
+        if last is None:
+            raise ValueError("no response was collected")
+        return GenerationResult(
+            text="".join(self.pieces),
+            prompt_tokens=self.prompt_tokens,
+            tokens=self.tokens,
+            layers=self.layers,
+            entropies=self.entropies,
+            num_layers=last.num_layers,
+            strategy=self.strategy,
+            finish_reason=finish_reason or last.finish_reason or "length",
+            prompt_tps=last.prompt_tps,
+            generation_tps=last.generation_tps,
+            peak_memory_gb=last.peak_memory,
+            extras=self.extras,
+        )
