@@ -116,3 +116,60 @@ def test_documented_generate_is_the_function_even_after_its_module_is_imported()
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "True True", done.stderr
+
+
+SHELL_LANGS = ("bash", "sh", "shell", "console")
+PLUGIN_DIR = ROOT / "docs" / "examples" / "layerdecode-min-entropy"
+
+
+def shell_commands(page: str) -> list[tuple[int, str]]:
+    """The ``layerdecode ...`` lines of a page's shell blocks (installs are left out)."""
+    found = []
+    for block in blocks(page):
+        if block["lang"] not in SHELL_LANGS:
+            continue
+        for offset, line in enumerate(block["body"].splitlines(), start=1):
+            if line.strip().startswith("layerdecode "):
+                found.append((block["line"] + offset, line.strip()))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_shell_commands_run(page, tmp_path, monkeypatch):
+    # Each documented command runs, on a tiny model and with a short budget, in a folder
+    # holding the files the page names (a few GSM8K items, the plugin's preset).
+    import shlex
+    import shutil
+    from importlib import metadata
+
+    from click.testing import CliRunner
+
+    from layerdecode.cli import cli
+
+    from .test_cli import build_tiny_model
+
+    commands = shell_commands(page)
+    assert commands, f"{page} has no layerdecode commands"
+    plugin_installed = any(
+        ep.name == "min-entropy" for ep in metadata.entry_points(group="layerdecode.strategies")
+    )
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k_train_500.jsonl"
+    lines = gsm8k.read_text().splitlines()[:3] if gsm8k.exists() else []
+    (work / "gsm8k.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(PLUGIN_DIR / "min-entropy-4.yaml", work)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LAYERDECODE_MODEL", str(model_dir))
+    runner = CliRunner()
+    for line, command in commands:
+        args = shlex.split(command)[1:]
+        if "min-entropy" in command and not plugin_installed:
+            continue  # CI installs the example plugin; see docs/plugins.md
+        if args[0] == "eval" and not lines:
+            continue
+        if args[0] in ("generate", "compare", "inspect", "eval"):
+            args += ["--max-tokens", "4"]
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, f"{page}:{line}: {command}\n{result.output}"
