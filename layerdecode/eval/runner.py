@@ -131,48 +131,52 @@ def run_eval(
         done = sum(store.is_done(item.id, name) for item in plan.items for name in plan.strategies)
         if progress is not None:
             progress(done, total, "")
-        for name, resolved in plan.strategies.items():
-            pending = [item for item in plan.items if not store.is_done(item.id, name)]
-            if not pending:
-                continue
-            prompts = [_prompt_ids(tokenizer, item, plan.chat) for item in pending]
-            started = datetime.now(timezone.utc)
+        # Items go in chunks, each run through every strategy before the next chunk, so an
+        # interrupted run already holds paired results for every strategy.
+        for start in range(0, len(plan.items), batch_size):
+            chunk = plan.items[start : start + batch_size]
+            for name, resolved in plan.strategies.items():
+                pending = [item for item in chunk if not store.is_done(item.id, name)]
+                if not pending:
+                    continue
+                prompts = [_prompt_ids(tokenizer, item, plan.chat) for item in pending]
+                started = datetime.now(timezone.utc)
 
-            def record(index: int, result, name=name, pending=pending, started=started):
-                nonlocal done
-                item = pending[index]
-                score = task.score(result.text, item)
-                store.append(
-                    EvalRecord(
-                        item_id=item.id,
-                        strategy=name,
-                        prompt=item.prompt if plan.chat else item.prompt_text,
-                        output=result.text,
-                        extracted=score.extracted,
-                        gold=item.gold,
-                        correct=score.correct,
-                        n_tokens=len(result.tokens),
-                        prompt_tokens=len(result.prompt_tokens),
-                        tokens_per_sec=result.generation_tps,
-                        hit_token_limit=result.finish_reason == "length",
-                        layers=result.layers,
-                        final_layer=result.num_layers - 1,
-                        started_at=started,
-                        finished_at=datetime.now(timezone.utc),
+                def record(index: int, result, name=name, pending=pending, started=started):
+                    nonlocal done
+                    item = pending[index]
+                    score = task.score(result.text, item)
+                    store.append(
+                        EvalRecord(
+                            item_id=item.id,
+                            strategy=name,
+                            prompt=item.prompt if plan.chat else item.prompt_text,
+                            output=result.text,
+                            extracted=score.extracted,
+                            gold=item.gold,
+                            correct=score.correct,
+                            n_tokens=len(result.tokens),
+                            prompt_tokens=len(result.prompt_tokens),
+                            tokens_per_sec=result.generation_tps,
+                            hit_token_limit=result.finish_reason == "length",
+                            layers=result.layers,
+                            final_layer=result.num_layers - 1,
+                            started_at=started,
+                            finished_at=datetime.now(timezone.utc),
+                        )
                     )
-                )
-                done += 1
-                if progress is not None:
-                    progress(done, total, name)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, name)
 
-            batch_generate(
-                model_obj,
-                tokenizer,
-                prompts,
-                strategy=resolved,
-                batch_size=batch_size,
-                on_result=record,
-                **gen,
-            )
+                batch_generate(
+                    model_obj,
+                    tokenizer,
+                    prompts,
+                    strategy=resolved,
+                    batch_size=batch_size,
+                    on_result=record,
+                    **gen,
+                )
         summary = summarize(store.records, plan.config.strategy_names)
     return summary, store
