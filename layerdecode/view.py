@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .adapters import Adapter
+from .fastmath import exp_shifted
 from .taps import Capture
 
 EMBEDDINGS = -1
@@ -37,7 +38,7 @@ def entropy_of(logits: mx.array) -> mx.array:
     """
     logits = logits.astype(mx.float32)
     shifted = logits - mx.max(logits, axis=-1, keepdims=True)
-    weights = mx.exp(shifted)
+    weights = exp_shifted(shifted)
     total = mx.sum(weights, axis=-1)
     # exp(-inf) * -inf is nan; such terms contribute 0 to the entropy.
     terms = mx.where(weights > 0, weights * shifted, 0.0)

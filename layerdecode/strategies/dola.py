@@ -18,6 +18,7 @@ import mlx.core as mx
 from pydantic import Field, field_validator
 
 from ..errors import ConfigError
+from ..fastmath import exp_shifted
 from ..strategy import Decision, ModelFacts, Strategy, StrategyParams
 from ..view import EMBEDDINGS, Exit, LayerView
 
@@ -84,7 +85,7 @@ def _softmax_and_log(x: mx.array) -> tuple[mx.array, mx.array]:
     """Probabilities and log-probabilities over the last axis with one exp per element."""
     shifted = x.astype(mx.float32)
     shifted = shifted - mx.max(shifted, axis=-1, keepdims=True)
-    weights = mx.exp(shifted)
+    weights = exp_shifted(shifted)
     total = mx.sum(weights, axis=-1, keepdims=True)
     return weights / total, shifted - mx.log(total)
 
