@@ -264,8 +264,8 @@ def load_model(name: str | None, dtype: str | None):
     from .loading import load
 
     console = _stderr_console()
-    if not console.is_terminal:
-        return load(name, dtype=dtype)
+    if not console.is_terminal:  # plain lines, so a first-time download is still visible
+        return load(name, dtype=dtype, progress=lambda msg: console.print(str(msg)))
     with console.status(f"loading {name or DEFAULT_MODEL_NAME}") as status:
         return load(name, dtype=dtype, progress=lambda msg: status.update(str(msg)))
 
