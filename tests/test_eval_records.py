@@ -212,7 +212,9 @@ def test_sigkill_mid_run_then_recover_and_resume(tmp_path):
 
     with ResultsStore.open(out, make_config(), resume=True) as store:
         survived = list(store.records)
-        assert store.dropped_bytes == len(torn)
+        # The appended tail is dropped, and so is a record the kill itself tore, if any (a
+        # write of a large line can be cut short under load).
+        assert len(torn) <= store.dropped_bytes < len(torn) + 2 * size
     assert 0 < len(survived) < n * len(STRATEGIES)
     expected_order = [(str(i), s) for i in range(n) for s in STRATEGIES]
     assert [r.key for r in survived] == expected_order[: len(survived)]
