@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -941,6 +942,98 @@ def eval_command(**kwargs: Any) -> None:
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         console.print(render_summary(summary, title=f"{kwargs['task']} ({out})"))
         err.print(f"results: {out}" + (f"  plot: {kwargs['plot']}" if kwargs["plot"] else ""))
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS, short_help="Summarise an eval results file.")
+@click.argument("results", type=click.Path(dir_okay=False), metavar="RESULTS.jsonl")
+@click.option(
+    "-s",
+    "--strategies",
+    metavar="A,B,...",
+    help="Strategies to summarise, the first as the baseline [default: the run's, in order].",
+)
+@click.option(
+    "--all-items",
+    is_flag=True,
+    help="Count every record, also of items that not every strategy has answered yet "
+    "[default: only items all have answered, so that accuracies are paired].",
+)
+@click.option(
+    "--disagreements",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="List up to this many items that some strategies got right and others wrong.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.png",
+    help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def report(**kwargs: Any) -> None:
+    """Summarise a results file written by 'layerdecode eval', without loading the model.
+
+    Works on a finished run and on one still going or stopped (a torn last record is
+    skipped). Besides the eval summary it lists the items where the strategies disagree,
+    and the time each strategy spent generating.
+    """
+    from .eval.records import read_results
+    from .eval.stats import (
+        complete_items,
+        disagreements,
+        format_duration,
+        plot_summary,
+        render_disagreements,
+        render_summary,
+        summarize,
+    )
+
+    path = kwargs["results"]
+    config, records = read_results(path)
+    names = config.strategy_names
+    if kwargs["strategies"]:
+        names = [s.strip() for s in kwargs["strategies"].split(",") if s.strip()]
+        unknown = [n for n in names if n not in config.strategy_names]
+        if not names or unknown:
+            raise _usage(
+                f"--strategies: {path} has no strategy {', '.join(map(repr, unknown or ['']))}; "
+                f"it holds {', '.join(config.strategy_names)}."
+            )
+    left_out: list[str] = []
+    if not kwargs["all_items"]:
+        records, left_out = complete_items(records, names)
+    summary = summarize(records, names)
+    disagreeing = disagreements(records, names)
+    scope = "every record" if kwargs["all_items"] else "items every strategy answered"
+    title = f"{config.task} · {config.model} · {summary.n_items} {scope}"
+    if kwargs["plot"]:
+        plot_summary(summary, kwargs["plot"], title=title)
+    if kwargs["as_json"]:
+        data = {
+            "results": str(path),
+            "config": config.model_dump(mode="json"),
+            "items_left_out": left_out,
+            **summary.to_dict(),
+            "disagreements": [asdict(d) for d in disagreeing],
+        }
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(render_summary(summary, title=title))
+    console.print(f"time generating: {format_duration(summary.busy_seconds)}")
+    if left_out:
+        console.print(
+            f"left out {len(left_out)} items that only some strategies answered "
+            "(--all-items counts them)"
+        )
+    if kwargs["disagreements"] and len(names) > 1:
+        console.print(render_disagreements(disagreeing, names, limit=kwargs["disagreements"]))
+    if kwargs["plot"]:
+        _stderr_console().print(f"plot: {kwargs['plot']}")
 
 
 @cli.group(context_settings=CONTEXT_SETTINGS, short_help="List, show and validate strategies.")

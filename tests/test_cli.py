@@ -600,3 +600,60 @@ def test_strategies_show_preset_file(tmp_path):
     path.write_text("name: mine\nstrategy: fixed\nparams: {layer: 2}\n")
     data = run_json("strategies", "show", str(path))
     assert data["strategy"] == "fixed" and data["preset"]["params"] == {"layer": 2}
+
+
+def _results_file(path):
+    from layerdecode.eval.records import ResultsStore
+
+    from .test_eval_records import make_config, make_record
+
+    with ResultsStore.open(path, make_config()) as store:
+        for index in range(6):
+            store.append(make_record(index, "final"))
+            dola = make_record(index, "dola")
+            if index in (0, 2):  # final wrong on even items; dola right on 0 and 2
+                dola = dola.model_copy(update={"correct": True, "extracted": "4"})
+            store.append(dola)
+        store.append(make_record(6, "final"))  # a chunk that dola has not reached yet
+    return path
+
+
+def test_report_summarises_a_results_file(tmp_path):
+    path = _results_file(tmp_path / "run.jsonl")
+    result = run("report", str(path))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "gsm8k · tiny-model · 6 items every strategy answered" in text
+    assert "2/0/4" in text  # dola won 2, lost 0, tied 4 against final
+    assert "left out 1 items that only some strategies answered" in text
+    assert "2 items where the strategies disagree" in text
+    assert "4 (right)" in text and "3 (wrong)" in text
+
+    data = run_json("report", str(path), "--all-items")
+    assert data["items_left_out"] == [] and data["n_items"] == 7
+    assert [s["n"] for s in data["strategies"]] == [7, 6]
+    assert data["comparisons"][0]["wins"] == 2 and data["comparisons"][0]["answers_differ"] == 2
+    assert [d["item_id"] for d in data["disagreements"]] == ["0", "2"]
+    assert data["config"]["task"] == "gsm8k"
+
+    data = run_json("report", str(path), "-s", "dola")
+    assert [s["name"] for s in data["strategies"]] == ["dola"] and data["n_items"] == 6
+    plot = tmp_path / "report.png"
+    assert run("report", str(path), "--plot", str(plot)).exit_code == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_bad_input(tmp_path):
+    path = _results_file(tmp_path / "run.jsonl")
+    cases = [
+        (["report", str(path), "-s", "final,nope"], "has no strategy 'nope'; it holds final, dola"),
+        (["report", str(tmp_path / "missing.jsonl")], "not found"),
+        (["report", str(path), "--disagreements", "-1"], "-1 is not in the range x>=0"),
+    ]
+    (tmp_path / "other.jsonl").write_text('{"hello": 1}\n')
+    cases.append((["report", str(tmp_path / "other.jsonl")], "not a layerdecode eval results file"))
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output

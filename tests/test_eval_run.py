@@ -19,6 +19,8 @@ from .test_cli import build_tiny_model
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k_train_500.jsonl"
 SVAMP = DATA / "svamp.jsonl"
+# Eight hand-written problems in the GSM8K format, for tests that only need the format.
+ARITHMETIC = Path(__file__).resolve().parent / "data" / "arithmetic.jsonl"
 
 needs_data = pytest.mark.skipif(not GSM8K.exists(), reason=f"{DATA} is not present")
 
@@ -71,11 +73,10 @@ def run_cli(*args, **kwargs):
     )
 
 
-@needs_data
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     model_dir = build_tiny_model(tmp_path / "tiny")
     args = [
-        "eval", "--model", str(model_dir), "--task", "gsm8k", "--data", str(GSM8K),
+        "eval", "--model", str(model_dir), "--task", "gsm8k", "--data", str(ARITHMETIC),
         "--strategies", "final,confident", "--limit", "8", "--max-tokens", "24",
         "--batch-size", "1", "--json",
     ]  # fmt: skip
@@ -126,10 +127,10 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def test_eval_bad_input(tmp_path):
-    bad = run_cli("eval", "--task", "gsm9k", "--data", str(GSM8K), "--limit", "1")
+    bad = run_cli("eval", "--task", "gsm9k", "--data", str(ARITHMETIC), "--limit", "1")
     assert bad.returncode == 2 and "Did you mean 'gsm8k'" in bad.stderr
     assert "Traceback" not in bad.stderr
     missing = run_cli("eval", "--task", "gsm8k", "--data", str(tmp_path / "none.jsonl"))
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr
-    resume = run_cli("eval", "--task", "gsm8k", "--data", str(GSM8K), "--resume")
+    resume = run_cli("eval", "--task", "gsm8k", "--data", str(ARITHMETIC), "--resume")
     assert resume.returncode == 2 and "--resume needs --out" in resume.stderr

@@ -4,30 +4,46 @@ from __future__ import annotations
 
 import json
 import struct
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from rich.console import Console
 
 from layerdecode.eval.records import EvalRecord
 from layerdecode.eval.stats import (
+    busy_seconds,
+    complete_items,
+    disagreements,
     figure_size,
+    format_duration,
     mcnemar_exact,
     plot_summary,
+    render_disagreements,
     render_summary,
     summarize,
     wilson_interval,
 )
 
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
-def record(item: int, strategy: str, correct: bool, layers=(3, 3), hit=False, tps=10.0):
+
+def record(
+    item: int,
+    strategy: str,
+    correct: bool,
+    layers=(3, 3),
+    hit=False,
+    tps=10.0,
+    span=(0.0, 0.0),
+    output="The answer is 1.",
+):
     stamp = datetime(2024, 1, 1, tzinfo=timezone.utc)
     return EvalRecord(
         item_id=str(item),
         strategy=strategy,
         prompt="Q",
-        output="The answer is 1.",
-        extracted="1",
+        output=output,
+        extracted="1" if correct else "2",
         gold="1",
         correct=correct,
         n_tokens=len(layers),
@@ -35,8 +51,8 @@ def record(item: int, strategy: str, correct: bool, layers=(3, 3), hit=False, tp
         hit_token_limit=hit,
         layers=list(layers),
         final_layer=3,
-        started_at=stamp,
-        finished_at=stamp,
+        started_at=stamp + timedelta(seconds=span[0]),
+        finished_at=stamp + timedelta(seconds=span[1]),
     )
 
 
@@ -111,3 +127,75 @@ def test_plot_writes_png(tmp_path):
     width, height = struct.unpack(">II", data[16:24])
     expected = figure_size(2)
     assert (width, height) == (round(expected[0] * 100), round(expected[1] * 100))
+
+
+def test_comparison_counts_changed_answers_and_identical_outputs():
+    rows = [
+        record(0, "final", True),
+        record(0, "other", True),  # same answer, same text
+        record(1, "final", False),
+        record(1, "other", False, output="Different words, same wrong answer 2."),
+        record(2, "final", True),
+        record(2, "other", False),  # answer changed
+        record(3, "final", False, output="x"),
+        record(3, "other", False, output="x"),
+    ]
+    rows[5] = record(2, "other", False, output="The answer is 2.")
+    (comparison,) = summarize(rows, ["final", "other"]).comparisons
+    assert (comparison.wins, comparison.losses) == (0, 1)
+    assert comparison.answers_differ == 1
+    assert comparison.same_output == 2
+
+
+def test_busy_seconds_is_the_union_of_spans():
+    rows = [
+        record(0, "final", True, span=(0, 10)),
+        record(1, "final", True, span=(0, 4)),  # same batch, finished earlier
+        record(2, "final", True, span=(8, 12)),  # overlaps the first
+        record(3, "final", True, span=(100, 105)),  # after a pause: the pause is not counted
+    ]
+    assert busy_seconds(rows) == pytest.approx(12 + 5)
+    assert busy_seconds(rows[::-1]) == pytest.approx(17)
+    assert busy_seconds([]) is None
+    summary = summarize(rows + [record(0, "dola", True, span=(11, 30))], ["final", "dola"])
+    assert summary.strategies[0].busy_seconds == pytest.approx(17)
+    assert summary.strategies[1].busy_seconds == pytest.approx(19)
+    assert summary.busy_seconds == pytest.approx(30 + 5)
+
+
+def test_format_duration():
+    assert format_duration(None) == "-"
+    assert format_duration(12.46) == "12.5s"
+    assert format_duration(187) == "3m 07s"
+    assert format_duration(3725) == "1h 02m"
+
+
+def test_complete_items_keeps_items_every_strategy_answered():
+    rows = _records()
+    kept, left_out = complete_items(rows, ["final", "dola"])
+    assert left_out == ["10"]  # only dola answered item 10
+    assert {r.item_id for r in kept} == {str(i) for i in range(10)}
+    assert {r.strategy for r in kept} == {"final", "dola"}  # "ignored" is not asked for
+    summary = summarize(kept, ["final", "dola"])
+    assert [s.n for s in summary.strategies] == [10, 10]
+    kept, left_out = complete_items(rows, ["final", "dola", "ignored"])
+    assert [r.item_id for r in kept] == ["0", "0", "0"] and len(left_out) == 10
+
+
+def test_disagreements_lists_items_with_mixed_verdicts():
+    found = disagreements(_records(), ["final", "dola"])
+    # final right on 0-4, dola right on all but 4: they disagree on 4..9; item 10 is unpaired.
+    assert [d.item_id for d in found] == ["4", "5", "6", "7", "8", "9"]
+    first = found[0]
+    assert first.gold == "1"
+    assert [(a.strategy, a.extracted, a.correct) for a in first.answers] == [
+        ("final", "1", True),
+        ("dola", "2", False),
+    ]
+    assert found[-1].answers[1].hit_token_limit  # dola hit the cap on item 9
+    assert disagreements(_records(), ["final"]) == []
+    console = Console(width=120, record=True)
+    console.print(render_disagreements(found, ["final", "dola"], limit=2))
+    text = console.export_text()
+    assert "6 items where the strategies disagree (first 2 shown)" in " ".join(text.split())
+    assert "1 (right)" in text and "2 (wrong)" in text and "5" in text and "7" not in text

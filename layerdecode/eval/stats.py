@@ -1,6 +1,6 @@
 """Statistics over evaluation records: accuracy with Wilson intervals, paired exact McNemar
-tests against the first (baseline) strategy, speed, layer use and token-cap hits; a rich table
-and a matplotlib figure of the same summary."""
+tests against the first (baseline) strategy, speed, time spent, layer use and token-cap hits,
+and the items where strategies disagree; rich tables and a matplotlib figure of the same."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ __all__ = [
     "StrategySummary",
     "Comparison",
     "Summary",
+    "Answer",
+    "Disagreement",
+    "busy_seconds",
+    "format_duration",
+    "complete_items",
     "summarize",
+    "disagreements",
     "render_summary",
+    "render_disagreements",
     "plot_summary",
 ]
 
@@ -69,12 +76,15 @@ class StrategySummary:
     hit_token_limit_share: float | None
     layer_histogram: dict[int, int] = field(default_factory=dict)
     final_layer: int | None = None
+    busy_seconds: float | None = None
 
 
 @dataclass
 class Comparison:
     """Paired comparison of ``strategy`` with ``baseline`` on items both have answered:
-    ``wins`` = strategy right and baseline wrong, ``losses`` the reverse."""
+    ``wins`` = strategy right and baseline wrong, ``losses`` the reverse;
+    ``answers_differ`` counts items whose extracted answers differ (right or wrong) and
+    ``same_output`` those whose generated text is identical."""
 
     strategy: str
     baseline: str
@@ -84,14 +94,20 @@ class Comparison:
     ties_correct: int
     ties_wrong: int
     p_value: float
+    answers_differ: int = 0
+    same_output: int = 0
 
 
 @dataclass
 class Summary:
+    """``busy_seconds`` is the time during which any strategy was generating (see
+    :func:`busy_seconds`): the run's wall time without model loading and pauses."""
+
     strategies: list[StrategySummary]
     comparisons: list[Comparison]
     baseline: str | None
     n_items: int
+    busy_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (histogram keys become strings)."""
@@ -103,6 +119,44 @@ class Summary:
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def busy_seconds(records: Iterable[EvalRecord]) -> float | None:
+    """Seconds covered by the union of the records' ``[started_at, finished_at]`` spans.
+
+    Records of one batch share their start, so this is the time spent generating them,
+    whatever the batch size; a run stopped and resumed later does not count the pause.
+    None without records.
+    """
+    spans = sorted((r.started_at, r.finished_at) for r in records)
+    if not spans:
+        return None
+    total = 0.0
+    start, end = spans[0]
+    for low, high in spans[1:]:
+        if low > end:
+            total += (end - start).total_seconds()
+            start, end = low, high
+        else:
+            end = max(end, high)
+    return total + (end - start).total_seconds()
+
+
+def complete_items(
+    records: Iterable[EvalRecord], strategies: Sequence[str]
+) -> tuple[list[EvalRecord], list[str]]:
+    """The records of ``strategies`` on items that every one of them has answered, and the
+    ids of the items left out because only some of them have (in order of appearance).
+
+    Restricting a partial results file to these items keeps the accuracies comparable.
+    """
+    records = [r for r in records if r.strategy in set(strategies)]
+    answered: dict[str, set[str]] = {}
+    for r in records:
+        answered.setdefault(r.item_id, set()).add(r.strategy)
+    complete = {item for item, names in answered.items() if names >= set(strategies)}
+    left_out = [item for item in answered if item not in complete]
+    return [r for r in records if r.item_id in complete], left_out
 
 
 def _strategy_summary(name: str, records: list[EvalRecord]) -> StrategySummary:
@@ -127,6 +181,7 @@ def _strategy_summary(name: str, records: list[EvalRecord]) -> StrategySummary:
         hit_token_limit_share=hits / n if n else None,
         layer_histogram=dict(sorted(Counter(layers).items())),
         final_layer=max((r.final_layer for r in records), default=None),
+        busy_seconds=busy_seconds(records),
     )
 
 
@@ -154,6 +209,8 @@ def summarize(records: Iterable[EvalRecord], strategies: Sequence[str] | None = 
             other = by_strategy[name]
             shared = [i for i in other if i in baseline]
             pairs = [(other[i].correct, baseline[i].correct) for i in shared]
+            differ = sum(other[i].extracted != baseline[i].extracted for i in shared)
+            same = sum(other[i].output == baseline[i].output for i in shared)
             wins = sum(o and not b for o, b in pairs)
             losses = sum(b and not o for o, b in pairs)
             comparisons.append(
@@ -166,6 +223,8 @@ def summarize(records: Iterable[EvalRecord], strategies: Sequence[str] | None = 
                     ties_correct=sum(o and b for o, b in pairs),
                     ties_wrong=sum(not o and not b for o, b in pairs),
                     p_value=mcnemar_exact(wins, losses),
+                    answers_differ=differ,
+                    same_output=same,
                 )
             )
     items = {record.item_id for name in names for record in by_strategy[name].values()}
@@ -174,7 +233,58 @@ def summarize(records: Iterable[EvalRecord], strategies: Sequence[str] | None = 
         comparisons=comparisons,
         baseline=names[0] if names else None,
         n_items=len(items),
+        busy_seconds=busy_seconds(r for name in names for r in by_strategy[name].values()),
     )
+
+
+@dataclass
+class Answer:
+    """One strategy's answer to an item."""
+
+    strategy: str
+    extracted: str | None
+    correct: bool
+    n_tokens: int
+    hit_token_limit: bool
+
+
+@dataclass
+class Disagreement:
+    """An item that some of the strategies got right and others wrong."""
+
+    item_id: str
+    gold: str
+    answers: list[Answer]
+
+
+def disagreements(records: Iterable[EvalRecord], strategies: Sequence[str]) -> list[Disagreement]:
+    """Items answered by every strategy in ``strategies`` on which they are not all right or
+    all wrong, in order of first appearance, with each strategy's answer in that order."""
+    by_item: dict[str, dict[str, EvalRecord]] = {}
+    for r in records:
+        if r.strategy in strategies:
+            by_item.setdefault(r.item_id, {})[r.strategy] = r
+    found = []
+    for item, answered in by_item.items():
+        if len(answered) < len(strategies) or len({r.correct for r in answered.values()}) < 2:
+            continue
+        found.append(
+            Disagreement(
+                item_id=item,
+                gold=answered[strategies[0]].gold,
+                answers=[
+                    Answer(
+                        strategy=name,
+                        extracted=answered[name].extracted,
+                        correct=answered[name].correct,
+                        n_tokens=answered[name].n_tokens,
+                        hit_token_limit=answered[name].hit_token_limit,
+                    )
+                    for name in strategies
+                ],
+            )
+        )
+    return found
 
 
 def _percent(value: float | None, digits: int = 1) -> str:
@@ -185,24 +295,45 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def format_duration(seconds: float | None) -> str:
+    """``1h 02m``, ``3m 07s`` or ``12.5s``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
 def render_summary(summary: Summary, *, title: str | None = None):
     """A ``rich.table.Table`` with one row per strategy (print it with a rich Console)."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    caption = (
+        f"won/lost/tied, McNemar p and changed (items whose extracted answer differs) are "
+        f"paired against {summary.baseline}; time: spent generating; non-final: tokens decoded "
+        "below the final layer; depth: mean layers below it; cap: generations that hit the "
+        "token limit, usually repetition loops."
+    )
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column, justify in [
         ("strategy", "left"),
         ("n", "right"),
         ("accuracy (95% CI)", "right"),
-        (f"vs {summary.baseline}: won/lost/tied", "right"),
+        ("won/lost/tied", "right"),
         ("McNemar p", "right"),
+        ("changed", "right"),
         ("tokens", "right"),
         ("tok/s", "right"),
+        ("time", "right"),
         ("non-final", "right"),
-        ("depth below final", "right"),
-        ("hit token cap", "right"),
+        ("depth", "right"),
+        ("cap", "right"),
     ]:
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, no_wrap=column == "accuracy (95% CI)")
     comparisons = {c.strategy: c for c in summary.comparisons}
     for s in summary.strategies:
         accuracy = (
@@ -218,12 +349,42 @@ def render_summary(summary: Summary, *, title: str | None = None):
             accuracy,
             paired,
             f"{c.p_value:.3g}" if c else "",
+            f"{c.answers_differ}" if c else "",
             _number(s.mean_tokens, 0),
             _number(s.mean_tokens_per_sec),
+            format_duration(s.busy_seconds),
             _percent(s.share_non_final),
             _number(s.mean_depth_below_final, 2),
             f"{s.hit_token_limit} ({_percent(s.hit_token_limit_share, 0)})",
         )
+    return table
+
+
+def render_disagreements(
+    items: Sequence[Disagreement], strategies: Sequence[str], *, limit: int | None = None
+):
+    """A ``rich.table.Table`` of items where strategies disagree: each strategy's extracted
+    answer, marked right or wrong, and ``cap`` where it hit the token limit."""
+    from rich.table import Table
+
+    shown = list(items if limit is None else items[:limit])
+    more = len(items) - len(shown)
+    title = f"{len(items)} items where the strategies disagree" + (
+        f" (first {len(shown)} shown)" if more else ""
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("item")
+    table.add_column("gold", justify="right")
+    for name in strategies:
+        table.add_column(name, justify="right")
+    for item in shown:
+        cells = []
+        for answer in item.answers:
+            mark = "right" if answer.correct else "wrong"
+            cap = ", cap" if answer.hit_token_limit else ""
+            value = "-" if answer.extracted is None else answer.extracted
+            cells.append(f"{value} ({mark}{cap})")
+        table.add_row(item.item_id, item.gold, *cells)
     return table
 
 
