@@ -35,6 +35,7 @@ _EXPORTS = {
     "Exit": "layerdecode.view",
     "EMBEDDINGS": "layerdecode.view",
     "get_adapter": "layerdecode.adapters",
+    "evaluate": "layerdecode.eval.runner",
     "LayerdecodeError": "layerdecode.errors",
     "ConfigError": "layerdecode.errors",
     "ModelError": "layerdecode.errors",

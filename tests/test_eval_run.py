@@ -134,3 +134,39 @@ def test_eval_bad_input(tmp_path):
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr
     resume = run_cli("eval", "--task", "gsm8k", "--data", str(ARITHMETIC), "--resume")
     assert resume.returncode == 2 and "--resume needs --out" in resume.stderr
+
+
+def test_evaluate_from_python(tmp_path):
+    import layerdecode
+    from layerdecode.errors import ConfigError
+
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "run.jsonl"
+    common = dict(task="gsm8k", data=ARITHMETIC, strategies=["final", "confident"], limit=3)
+    seen = []
+    summary = layerdecode.evaluate(
+        str(model_dir),
+        out=out,
+        max_tokens=6,
+        batch_size=2,
+        progress=lambda done, total, name: seen.append((done, total)),
+        **common,
+    )
+    assert seen[-1] == (6, 6)
+    assert [(s.name, s.n) for s in summary.strategies] == [("final", 3), ("confident", 3)]
+    config, records = read_results(out)
+    assert config.model == str(model_dir) and len(records) == 6
+
+    # A loaded model with its tokenizer: resuming the same run adds nothing and agrees.
+    model, tokenizer = layerdecode.load(str(model_dir))
+    again = layerdecode.evaluate(
+        model, tokenizer, out=out, model_name=str(model_dir), resume=True, max_tokens=6, **common
+    )
+    assert again.to_dict() == summary.to_dict()
+    assert len(read_results(out)[1]) == 6
+
+    with pytest.raises(ConfigError, match="needs its tokenizer"):
+        layerdecode.evaluate(model, out=tmp_path / "x.jsonl", **common)
+    with pytest.raises(ConfigError, match="Unknown generation options: temperature"):
+        layerdecode.evaluate(str(model_dir), out=tmp_path / "x.jsonl", temperature=0.5, **common)
+    assert not (tmp_path / "x.jsonl").exists()

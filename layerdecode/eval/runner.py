@@ -180,3 +180,65 @@ def run_eval(
                 )
         summary = summarize(store.records, plan.config.strategy_names)
     return summary, store
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    task: str,
+    data: str | Path,
+    out: str | Path,
+    strategies: Sequence[str] = ("final", "confident", "dola"),
+    model_name: str | None = None,
+    resume: bool = False,
+    batch_size: int = 8,
+    task_options: dict[str, Any] | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+    chat: bool = True,
+    max_tokens: int = 256,
+    progress: Callable[[int, int, str], None] | None = None,
+    **generation: Any,
+) -> Summary:
+    """Run ``strategies`` on a task's data file, like ``layerdecode eval``; return the summary.
+
+    ``model`` is a name or path, loaded with :func:`layerdecode.load`, or a model already
+    loaded, passed with its ``tokenizer``. The results file ``out`` gets one record per
+    (item, strategy) as each finishes; ``resume=True`` continues it. Its configuration names
+    the model by ``model_name`` (default: the name or path given, else the architecture),
+    so give distinct names to tell loaded models apart on resume. ``task_options`` are the
+    task's options (``shots``, ``exemplars``, ``system_prompt``, ...); ``generation`` takes
+    ``temp``, ``top_p``, ``min_p``, ``top_k``, ``repetition_penalty``,
+    ``repetition_context_size`` and ``seed``. Greedy by default. Everything is checked
+    before the model is loaded.
+    """
+    if isinstance(model, (str, Path)):
+        if tokenizer is not None:
+            raise ConfigError("Pass a tokenizer only with a model that is already loaded.")
+        name = model_name or str(model)
+    else:
+        if tokenizer is None:
+            raise ConfigError("A loaded model needs its tokenizer: evaluate(model, tokenizer).")
+        args = getattr(model, "args", None)
+        name = model_name or getattr(args, "model_type", None) or type(model).__name__
+    plan = plan_eval(
+        model=name,
+        task=task,
+        data=data,
+        strategies=list(strategies),
+        task_options=task_options,
+        offset=offset,
+        limit=limit,
+        chat=chat,
+        max_tokens=max_tokens,
+        **generation,
+    )
+    if isinstance(model, (str, Path)):
+        from ..loading import load
+
+        model, tokenizer = load(model)
+    summary, _ = run_eval(
+        model, tokenizer, plan, out, resume=resume, batch_size=batch_size, progress=progress
+    )
+    return summary
