@@ -97,6 +97,8 @@ def test_summarize():
     assert dola.share_non_final == pytest.approx(20 / 42)
     assert dola.mean_depth_below_final == pytest.approx((10 * 2 + 10 * 1) / 42)
     assert dola.hit_token_limit == 1 and dola.hit_token_limit_share == pytest.approx(1 / 11)
+    # dola's right answer on item 9 ran into the cap: it does not count as right without it.
+    assert (final.correct_without_cap, dola.correct_without_cap) == (5, 9)
     assert final.mean_tokens_per_sec == 20.0
     (comparison,) = summary.comparisons
     assert (comparison.n_paired, comparison.wins, comparison.losses) == (10, 5, 1)

@@ -60,7 +60,11 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 @dataclass
 class StrategySummary:
-    """Per-strategy figures. Token shares are over all generated tokens of the strategy."""
+    """Per-strategy figures. Token shares are over all generated tokens of the strategy.
+
+    ``correct_without_cap`` counts right answers whose generation ended on its own: a right
+    number picked out of text that ran into the token cap (a loop) is often luck.
+    """
 
     name: str
     n: int
@@ -74,6 +78,7 @@ class StrategySummary:
     mean_depth_below_final: float | None
     hit_token_limit: int
     hit_token_limit_share: float | None
+    correct_without_cap: int = 0
     layer_histogram: dict[int, int] = field(default_factory=dict)
     final_layer: int | None = None
     busy_seconds: float | None = None
@@ -179,6 +184,7 @@ def _strategy_summary(name: str, records: list[EvalRecord]) -> StrategySummary:
         mean_depth_below_final=_mean(depths),
         hit_token_limit=hits,
         hit_token_limit_share=hits / n if n else None,
+        correct_without_cap=sum(r.correct and not r.hit_token_limit for r in records),
         layer_histogram=dict(sorted(Counter(layers).items())),
         final_layer=max((r.final_layer for r in records), default=None),
         busy_seconds=busy_seconds(records),
@@ -316,13 +322,15 @@ def render_summary(summary: Summary, *, title: str | None = None):
         f"won/lost/tied, McNemar p and changed (items whose extracted answer differs) are "
         f"paired against {summary.baseline}; time: spent generating; non-final: tokens decoded "
         "below the final layer; depth: mean layers below it; cap: generations that hit the "
-        "token limit, usually repetition loops."
+        "token limit, usually repetition loops; right, no cap: right answers whose generation "
+        "ended before the cap."
     )
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column, justify in [
         ("strategy", "left"),
         ("n", "right"),
         ("accuracy (95% CI)", "right"),
+        ("right, no cap", "right"),
         ("won/lost/tied", "right"),
         ("McNemar p", "right"),
         ("changed", "right"),
@@ -347,6 +355,7 @@ def render_summary(summary: Summary, *, title: str | None = None):
             s.name,
             str(s.n),
             accuracy,
+            str(s.correct_without_cap),
             paired,
             f"{c.p_value:.3g}" if c else "",
             f"{c.answers_differ}" if c else "",
@@ -422,17 +431,21 @@ def plot_summary(summary: Summary, path: str | Path, *, title: str | None = None
     ]
     colours = [f"C{i}" for i in range(len(strategies))]
     bars = accuracy.bar(names, values, yerr=errors, capsize=6, color=colours, alpha=0.85)
+    # Zoom in on low accuracies (small models), with room for the labels above the whiskers.
+    top = max([100 * (s.ci_high or 0) for s in strategies] + [1.0])
+    limit = min(100.0, top * 1.3 + 2)
     for bar, s in zip(bars, strategies, strict=True):
         label = "n=0" if s.accuracy is None else f"{100 * s.accuracy:.1f}%\nn={s.n}"
         accuracy.annotate(
             label,
-            (bar.get_x() + bar.get_width() / 2, 1),
+            (bar.get_x() + bar.get_width() / 2, 100 * (s.ci_high or 0)),
+            xytext=(0, 4),
+            textcoords="offset points",
             ha="center",
             va="bottom",
             fontsize=9,
-            color="white" if s.accuracy and s.accuracy > 0.1 else "black",
         )
-    accuracy.set_ylim(0, 100)
+    accuracy.set_ylim(0, limit)
     accuracy.set_ylabel("accuracy (%) with 95% Wilson interval")
     accuracy.set_title("Accuracy")
     accuracy.tick_params(axis="x", labelrotation=20)
