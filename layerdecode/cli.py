@@ -779,6 +779,17 @@ def inspect(**kwargs: Any) -> None:
 # --------------------------------------------------------------------------- strategies
 
 
+summary_output_options = _stack(
+    click.option(
+        "--plot",
+        type=click.Path(dir_okay=False),
+        metavar="FILE.png",
+        help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+)
+
+
 @cli.command("eval", context_settings=CONTEXT_SETTINGS, short_help="Score strategies on a task.")
 @model_options
 @click.option(
@@ -848,13 +859,7 @@ def inspect(**kwargs: Any) -> None:
 @click.option(
     "--resume", is_flag=True, help="Continue the results file given with --out where it stopped."
 )
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False),
-    metavar="FILE.png",
-    help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@summary_output_options
 def eval_command(**kwargs: Any) -> None:
     """Measure strategies on reasoning data: accuracy, paired comparison, layers, loops.
 
@@ -965,13 +970,7 @@ def eval_command(**kwargs: Any) -> None:
     show_default=True,
     help="List up to this many items that some strategies got right and others wrong.",
 )
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False),
-    metavar="FILE.png",
-    help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@summary_output_options
 def report(**kwargs: Any) -> None:
     """Summarise a results file written by 'layerdecode eval', without loading the model.
 
