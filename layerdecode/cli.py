@@ -244,6 +244,14 @@ def resolve(strategy: str, params: tuple[str, ...]):
     return resolve_strategy(strategy, parse_params(params))
 
 
+def strategy_list(value: str) -> list[str]:
+    """The names of a comma-separated --strategies value; a usage error when it is empty."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise _usage("--strategies is empty: name at least one, e.g. final,confident.")
+    return names
+
+
 def read_prompt(prompt: str | None) -> str:
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
@@ -530,9 +538,7 @@ def compare(**kwargs: Any) -> None:
     final one and their mean depth. With several prompts, a summary table follows.
     """
     _check_system(kwargs["system"], kwargs["raw"])
-    specs = [s.strip() for s in kwargs["strategies"].split(",") if s.strip()]
-    if not specs:
-        raise _usage("--strategies is empty: name at least one, e.g. final,confident.")
+    specs = strategy_list(kwargs["strategies"])
     from .config import resolve_strategy
 
     resolved = [resolve_strategy(spec) for spec in specs]
@@ -874,9 +880,7 @@ def eval_command(**kwargs: Any) -> None:
 
     if kwargs["resume"] and not kwargs["out"]:
         raise _usage("--resume needs --out: the results file to continue.")
-    specs = [s.strip() for s in kwargs["strategies"].split(",") if s.strip()]
-    if not specs:
-        raise _usage("--strategies is empty: name at least one, e.g. final,confident.")
+    specs = strategy_list(kwargs["strategies"])
     task_options = parse_params(kwargs["task_options"])
     if kwargs["shots"] is not None:
         task_options["shots"] = kwargs["shots"]
@@ -993,11 +997,11 @@ def report(**kwargs: Any) -> None:
     config, records = read_results(path)
     names = config.strategy_names
     if kwargs["strategies"]:
-        names = [s.strip() for s in kwargs["strategies"].split(",") if s.strip()]
+        names = strategy_list(kwargs["strategies"])
         unknown = [n for n in names if n not in config.strategy_names]
-        if not names or unknown:
+        if unknown:
             raise _usage(
-                f"--strategies: {path} has no strategy {', '.join(map(repr, unknown or ['']))}; "
+                f"--strategies: {path} has no strategy {', '.join(map(repr, unknown))}; "
                 f"it holds {', '.join(config.strategy_names)}."
             )
     left_out: list[str] = []

@@ -213,7 +213,8 @@ def evaluate(
     ``repetition_context_size`` and ``seed``. Greedy by default. Everything is checked
     before the model is loaded.
     """
-    if isinstance(model, (str, Path)):
+    by_name = isinstance(model, (str, Path))
+    if by_name:
         if tokenizer is not None:
             raise ConfigError("Pass a tokenizer only with a model that is already loaded.")
         name = model_name or str(model)
@@ -234,7 +235,7 @@ def evaluate(
         max_tokens=max_tokens,
         **generation,
     )
-    if isinstance(model, (str, Path)):
+    if by_name:
         from ..loading import load
 
         model, tokenizer = load(model)

@@ -155,11 +155,12 @@ def complete_items(
 
     Restricting a partial results file to these items keeps the accuracies comparable.
     """
-    records = [r for r in records if r.strategy in set(strategies)]
+    wanted = set(strategies)
+    records = [r for r in records if r.strategy in wanted]
     answered: dict[str, set[str]] = {}
     for r in records:
         answered.setdefault(r.item_id, set()).add(r.strategy)
-    complete = {item for item, names in answered.items() if names >= set(strategies)}
+    complete = {item for item, names in answered.items() if names >= wanted}
     left_out = [item for item in answered if item not in complete]
     return [r for r in records if r.item_id in complete], left_out
 
