@@ -2,9 +2,10 @@
 
 Prompts are prefilled with mlx-lm's own batch machinery (``PromptProcessingBatch``:
 per-prompt caches merged into batch caches, right-padded prefill rolled into left
-padding), then decoded by a loop like :func:`layerdecode.generation.generate_step` over
-``(batch, ...)`` arrays. Rows finish at their own end-of-sequence token or budget and are
-filtered out of the caches, so a finished row stops costing compute.
+padding), then decoded with the same step factory as a single run
+(:mod:`layerdecode.decode`) over ``(rows, ...)`` arrays. Rows finish at their own
+end-of-sequence token, stop sequence or budget and are filtered out of the caches, so a
+finished row stops costing compute. Each row is collected like a single run.
 """
 
 from __future__ import annotations
@@ -18,21 +19,36 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch, generation_stream, wired_limit
-from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .adapters import Adapter, get_adapter
+from .adapters import Adapter
 from .config import ResolvedStrategy
+from .decode import Decoder, LogitsProcessor, Sampler, StepOutput, pipelined
 from .errors import ConfigError, LayerdecodeError
-from .generation import GenerationResult, encode_prompt, prepare_generation
-from .strategy import Decision, ModelFacts, Strategy
-from .taps import install_taps
-from .view import LayerView
+from .generation import (
+    GenerationResult,
+    LayerResponse,
+    ResultCollector,
+    Step,
+    make_decoder,
+    make_response,
+    resolve_call,
+    stream_resolved,
+)
+from .options import GenerationOptions
+from .prompts import encode_prompt
+from .strategy import Strategy
+from .text import OutputStream
 
 
 @dataclass
 class RowStep:
-    """One token of one row of a batch."""
+    """One token of one row of a batch.
+
+    A consumer of :func:`batch_generate_step` may set ``finish_reason`` of a yielded row
+    (e.g. to ``"stop"`` when its text reached a stop sequence): the row then ends there.
+    """
 
     row: int
     token: int
@@ -40,19 +56,7 @@ class RowStep:
     entropy: float
     extras: dict[str, int]
     finish_reason: str | None
-
-
-def _filter_decision(decision: Decision, keep: mx.array) -> Decision:
-    return Decision(
-        logits=decision.logits[keep],
-        layers=decision.layers[keep],
-        entropy=decision.entropy[keep],
-        extras={k: v[keep] for k, v in decision.extras.items()},
-    )
-
-
-def _decision_arrays(decision: Decision) -> list[mx.array]:
-    return [decision.layers, decision.entropy, *decision.extras.values()]
+    logprobs: mx.array | None = None
 
 
 def estimate_batch_bytes(
@@ -93,8 +97,8 @@ def batch_generate_step(
     *,
     max_tokens: int | Sequence[int] = 256,
     stop_tokens: Sequence[int] = (),
-    sampler: Callable[[mx.array], mx.array] | None = None,
-    logits_processors: Sequence[Callable] | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
     prefill_step_size: int = 2048,
     max_kv_size: int | None = None,
 ) -> Generator[list[RowStep], None, None]:
@@ -111,21 +115,27 @@ def batch_generate_step(
         prefill_step_size: prompt tokens per forward pass during prefill.
         max_kv_size: maximum KV cache size (a rotating cache), as in mlx-lm.
     """
-    prompts = [list(p) for p in prompts]
+    decoder = Decoder(model, strategy, sampler=sampler, logits_processors=logits_processors)
+    return _batch_steps(
+        decoder,
+        prompts,
+        max_tokens=max_tokens,
+        stop_tokens=stop_tokens,
+        prefill_step_size=prefill_step_size,
+        max_kv_size=max_kv_size,
+    )
+
+
+def _check_batch(decoder: Decoder, prompts: list[list[int]], budgets: list[int]) -> None:
     if not prompts:
         raise ConfigError("No prompts given: pass at least one prompt.")
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ConfigError(f"Prompt {empty[0]} of the batch is empty: give at least one token.")
-    budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     if len(budgets) != len(prompts) or any(b <= 0 for b in budgets):
         raise ConfigError("max_tokens must be positive, one value or one per prompt.")
-    adapter = get_adapter(model)
-    taps = install_taps(adapter.layers)
-    strategy.prepare(ModelFacts(adapter.num_layers, adapter.tied_embeddings, adapter.model_type))
-    exits = tuple(strategy.exits())
     needed = estimate_batch_bytes(
-        adapter, model, [len(p) for p in prompts], max(budgets), len(exits)
+        decoder.adapter, decoder.model, [len(p) for p in prompts], max(budgets), len(decoder.exits)
     )
     available = _available_bytes()
     if available is not None and needed > 0.8 * available:
@@ -134,10 +144,21 @@ def batch_generate_step(
             f"{max(budgets)} new) needs about {needed / 1e9:.1f} GB but this machine has "
             f"{available / 1e9:.1f} GB: use a smaller batch size or fewer max tokens."
         )
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    processors = list(logits_processors or [])
-    stop = set(stop_tokens)
 
+
+def _batch_steps(
+    decoder: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int | Sequence[int],
+    stop_tokens: Sequence[int],
+    prefill_step_size: int,
+    max_kv_size: int | None,
+) -> Generator[list[RowStep], None, None]:
+    prompts = [list(p) for p in prompts]
+    budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    _check_batch(decoder, prompts, budgets)
+    model = decoder.model
     with mx.stream(generation_stream):
         prefill = PromptProcessingBatch(
             model,
@@ -148,41 +169,39 @@ def batch_generate_step(
         if any(len(p) > 1 for p in prompts):
             prefill.prompt([p[:-1] for p in prompts])
         cache = prefill.prompt_cache
-    histories = [TokenBuffer(p[:-1]) for p in prompts] if processors else []
+    histories = decoder.histories([p[:-1] for p in prompts])
+    stop = set(stop_tokens)
     active = list(range(len(prompts)))
     counts = [0] * len(prompts)
+    ended: list[int] = []  # positions (within ``active``) of rows that ended at the last step
 
-    def _step(inputs: mx.array, rows: list[int]):
-        with mx.stream(generation_stream):
-            with taps.capture() as capture:
-                logits = model(inputs[:, None], cache=cache)
-            view = LayerView(adapter, capture, logits[:, -1, :], exits)
-            decision = strategy.select(view)
-            logits = decision.logits
-            if processors:
-                processed = []
-                for i, row in enumerate(rows):
-                    row_logits = logits[i : i + 1]
-                    history = histories[row].update_and_fetch(inputs[i : i + 1])
-                    for processor in processors:
-                        row_logits = processor(history, row_logits)
-                    processed.append(row_logits)
-                logits = mx.concatenate(processed, axis=0)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return sampler(logprobs), decision
+    def next_step(current: StepOutput) -> StepOutput | None:
+        if all(counts[row] + 1 >= budgets[row] for row in active):
+            return None
+        rows = [histories[row] for row in active] if histories else ()
+        return decoder.step(current.tokens, cache, rows)
 
-    y, decision = _step(mx.array([p[-1] for p in prompts], dtype=mx.uint32), active)
-    mx.async_eval(y, *_decision_arrays(decision))
-    while active:
-        last_step = all(counts[row] + 1 >= budgets[row] for row in active)
-        if not last_step:
-            next_y, next_decision = _step(y, active)
-            mx.async_eval(next_y, *_decision_arrays(next_decision))
-        tokens = y.tolist()
+    def settle(upcoming: StepOutput) -> StepOutput | None:
+        nonlocal active
+        if not ended:
+            return upcoming
+        keep = [i for i in range(len(active)) if i not in set(ended)]
+        if not keep:
+            return None
+        index = mx.array(keep)
+        for c in cache:
+            c.filter(index)
+        active = [active[i] for i in keep]
+        return upcoming.take(index)
+
+    first = decoder.step(mx.array([p[-1] for p in prompts], dtype=mx.uint32), cache, histories)
+    for out in pipelined(first, next_step, settle):
+        decision = out.decision
+        tokens = out.tokens.tolist()
         layers = decision.layers.tolist()
         entropies = decision.entropy.tolist()
         extras = {k: v.tolist() for k, v in decision.extras.items()}
-        out, keep = [], []
+        rows = []
         for i, row in enumerate(active):
             counts[row] += 1
             finish = None
@@ -190,9 +209,7 @@ def batch_generate_step(
                 finish = "stop"
             elif counts[row] >= budgets[row]:
                 finish = "length"
-            else:
-                keep.append(i)
-            out.append(
+            rows.append(
                 RowStep(
                     row,
                     tokens[i],
@@ -200,29 +217,91 @@ def batch_generate_step(
                     entropies[i],
                     {k: v[i] for k, v in extras.items()},
                     finish,
+                    out.logprobs[i],
                 )
             )
-        yield out
-        if not keep or last_step:
-            break
-        if len(keep) < len(active):
-            index = mx.array(keep)
-            for c in cache:
-                c.filter(index)
-            next_y = next_y[index]
-            next_decision = _filter_decision(next_decision, index)
-            active = [active[i] for i in keep]
-        y, decision = next_y, next_decision
+        yield rows
+        ended[:] = [i for i, r in enumerate(rows) if r.finish_reason is not None]
 
 
-def detokenize(tokenizer: TokenizerWrapper, tokens: Sequence[int]) -> str:
-    """Text of ``tokens`` exactly as the streaming detokenizer of a single run makes it."""
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for token in tokens:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    return detokenizer.text
+def batch_stream_resolved(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[Sequence[int]],
+    resolved: ResolvedStrategy,
+    options: GenerationOptions,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    prefill_step_size: int = 2048,
+    max_kv_size: int | None = None,
+) -> Generator[tuple[int, LayerResponse], None, None]:
+    """``(row, response)`` for every token of every row, each row streamed like one run.
+
+    Takes the resolved strategy and options (see :func:`batch_generate`). One prompt goes
+    through the single-stream loop, which is what a batch of one is.
+    """
+    if len(prompts) == 1:
+        prompt = mx.array(list(prompts[0]), dtype=mx.uint32)
+        for response in stream_resolved(
+            model,
+            tokenizer,
+            prompt,
+            resolved,
+            options,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            prefill_step_size=prefill_step_size,
+            max_kv_size=max_kv_size,
+        ):
+            yield 0, response
+        return
+    max_tokens = options.max_tokens_or_default()
+    if max_tokens == -1:
+        raise ConfigError("max_tokens must be positive for a batch (-1, no limit, is not).")
+    decoder = make_decoder(
+        model, resolved, options, sampler=sampler, logits_processors=logits_processors
+    )
+    outputs = [
+        OutputStream(tokenizer, max_tokens=max_tokens, stop=options.stop_sequences) for _ in prompts
+    ]
+    steps = _batch_steps(
+        decoder,
+        prompts,
+        max_tokens=max_tokens,
+        stop_tokens=tokenizer.eos_token_ids,
+        prefill_step_size=prefill_step_size,
+        max_kv_size=max_kv_size,
+    )
+    prompt_size = sum(len(p) for p in prompts)
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        prompt_tps = 0.0
+        generated = 0
+        for n, rows in enumerate(steps):
+            if n == 0:
+                prompt_tps = prompt_size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            for r in rows:
+                generated += 1
+                output = outputs[r.row]
+                segment, finish = output.feed(r.token)
+                r.finish_reason = finish  # a stop sequence ends the row too
+                step = Step(r.token, r.layer, r.entropy, r.logprobs, r.extras)
+                yield (
+                    r.row,
+                    make_response(
+                        segment,
+                        step,
+                        num_layers=decoder.num_layers,
+                        prompt_tokens=len(prompts[r.row]),
+                        prompt_tps=prompt_tps,
+                        generated=generated,
+                        tic=tic,
+                        finish=finish,
+                        matched_stop=output.matched_stop,
+                    ),
+                )
 
 
 @dataclass
@@ -243,17 +322,10 @@ def batch_generate(
     *,
     strategy: str | Strategy | ResolvedStrategy | None = "final",
     params: dict[str, Any] | None = None,
-    max_tokens: int | None = None,
+    options: GenerationOptions | dict[str, Any] | None = None,
     batch_size: int | None = None,
-    sampler: Callable | None = None,
-    logits_processors: Sequence[Callable] | None = None,
-    temp: float | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int | None = None,
-    seed: int | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_result: Callable[[int, GenerationResult], None] | None = None,
     **kwargs: Any,
@@ -261,28 +333,21 @@ def batch_generate(
     """Generate for many prompts at once; results come back in the prompts' order.
 
     Takes the options of :func:`layerdecode.stream_generate`, plus ``batch_size`` (prompts
-    decoded together; default all), ``progress`` (called with (done, total) prompts) and
-    ``on_result`` (called with (prompt index, result) as soon as a prompt finishes, with
-    the speeds measured so far). The returned results carry the whole run's speeds.
+    decoded together; default all; 1 runs them one by one), ``progress`` (called with
+    (done, total) prompts) and ``on_result`` (called with (prompt index, result) as soon as
+    a prompt finishes, with the speeds measured so far). The returned results carry the
+    whole run's speeds.
     """
     if not prompts:
         raise ConfigError("No prompts given: pass at least one prompt.")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
-    resolved, max_tokens, sampler, processors = prepare_generation(
-        strategy,
-        params,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=logits_processors,
-        temp=temp,
-        top_p=top_p,
-        min_p=min_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        seed=seed,
-    )
+    resolved, chosen, step_kwargs = resolve_call(strategy, params, options, kwargs)
+    if chosen.max_tokens == -1:
+        raise ConfigError("max_tokens must be positive for a batch (-1, no limit, is not).")
+    unknown = set(step_kwargs) - {"prefill_step_size", "max_kv_size"}
+    if unknown:
+        raise ConfigError(f"batch_generate does not take {', '.join(sorted(unknown))}.")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     encoded = []
@@ -296,70 +361,44 @@ def batch_generate(
     size = batch_size or len(encoded)
     # Similar lengths together waste less padding; results go back in the given order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    num_layers = get_adapter(model).num_layers
-    rows: dict[int, dict[str, Any]] = {
-        i: {"tokens": [], "layers": [], "entropies": [], "extras": {}} for i in range(len(encoded))
-    }
+    results: dict[int, GenerationResult] = {}
     prompt_time = gen_time = 0.0
     generated = 0
-    results: dict[int, GenerationResult] = {}
-    strategy_info = {"name": resolved.strategy.name, "params": resolved.strategy.resolved_params()}
     run_tic = time.perf_counter()
-
-    def finish(i: int, reason: str) -> None:
-        row = rows[i]
-        elapsed = max(time.perf_counter() - run_tic, 1e-9)
-        results[i] = GenerationResult(
-            text=detokenize(tokenizer, row["tokens"]),
-            prompt_tokens=encoded[i],
-            tokens=row["tokens"],
-            layers=row["layers"],
-            entropies=row["entropies"],
-            num_layers=num_layers,
-            strategy=strategy_info,
-            finish_reason=reason,
-            prompt_tps=sum(map(len, encoded)) / max(prompt_time, 1e-9),
-            generation_tps=generated / elapsed,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            extras=row["extras"],
-        )
-        if on_result is not None:
-            on_result(i, results[i])
-        if progress is not None:
-            progress(len(results), len(encoded))
-
     mx.reset_peak_memory()
-    with wired_limit(model, [generation_stream]):
-        for start in range(0, len(order), size):
-            chunk = order[start : start + size]
-            tic = time.perf_counter()
-            first = True
-            for step in batch_generate_step(
-                [encoded[i] for i in chunk],
-                model,
-                resolved.strategy,
-                max_tokens=max_tokens,
-                stop_tokens=tokenizer.eos_token_ids,
-                sampler=sampler,
-                logits_processors=processors,
-                **kwargs,
-            ):
-                if first:
-                    prompt_time += time.perf_counter() - tic
-                    tic = time.perf_counter()
-                    first = False
-                for r in step:
-                    row = rows[chunk[r.row]]
-                    if r.finish_reason != "stop":
-                        generated += 1
-                        row["tokens"].append(r.token)
-                        row["layers"].append(r.layer)
-                        row["entropies"].append(r.entropy)
-                        for key, value in r.extras.items():
-                            row["extras"].setdefault(key, []).append(value)
-                    if r.finish_reason is not None:
-                        finish(chunk[r.row], r.finish_reason)
-            gen_time += time.perf_counter() - tic
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        collectors = [ResultCollector(encoded[i], resolved) for i in chunk]
+        tic = time.perf_counter()
+        first = True
+        for row, response in batch_stream_resolved(
+            model,
+            tokenizer,
+            [encoded[i] for i in chunk],
+            resolved,
+            chosen,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            **step_kwargs,
+        ):
+            if first:
+                prompt_time += time.perf_counter() - tic
+                tic = time.perf_counter()
+                first = False
+            collectors[row].add(response)
+            if response.finish_reason is None:
+                continue
+            index = chunk[row]
+            result = collectors[row].result()
+            generated += len(result.tokens)
+            result.prompt_tps = sum(map(len, encoded)) / max(prompt_time, 1e-9)
+            result.generation_tps = generated / max(time.perf_counter() - run_tic, 1e-9)
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+            if progress is not None:
+                progress(len(results), len(encoded))
+        gen_time += time.perf_counter() - tic
     stats = BatchStats(
         prompt_tokens=sum(map(len, encoded)),
         prompt_tps=sum(map(len, encoded)) / max(prompt_time, 1e-9),
@@ -373,3 +412,25 @@ def batch_generate(
         result.generation_tps = stats.generation_tps
         result.peak_memory_gb = stats.peak_memory_gb
     return ordered, stats
+
+
+def __getattr__(name: str) -> Any:
+    if name == "detokenize":
+        import warnings
+
+        warnings.warn(
+            "layerdecode.batch.detokenize is gone: batch rows are detokenized as they stream",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _detokenize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _detokenize(tokenizer: TokenizerWrapper, tokens: Sequence[int]) -> str:
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text

@@ -1,35 +1,35 @@
-"""The core loop: prefill, step, let the strategy pick a layer, sample, yield.
+"""The single-stream loop: ``generate_step`` -> ``stream_generate`` -> ``generate``.
 
-It mirrors ``mlx_lm.generate.generate_step`` -- mlx-lm's KV caches, samplers and logits
-processors, and the same pipelining: step n+1 is built and ``mx.async_eval``-ed before
-step n is handed to the caller, so a strategy made of vectorised ``mx`` ops adds no
-host synchronisation.
+It mirrors mlx-lm's three layers: :func:`generate_step` yields tokens (each with the layer
+it came from) from the step factory in :mod:`layerdecode.decode`; :func:`stream_generate`
+adds text, stop sequences and timings; :func:`generate` collects a whole
+:class:`GenerationResult`. Public entry points resolve the strategy and the options once;
+everything below them takes only the resolved forms.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from pydantic import ValidationError
 
-from .adapters import get_adapter
-from .config import GenerationDefaults, ResolvedStrategy, resolve_strategy
+from .config import ResolvedStrategy, resolve_strategy
+from .decode import Decoder, LogitsProcessor, Sampler, pipelined
 from .errors import ConfigError
-from .strategy import ModelFacts, Strategy
-from .taps import install_taps
-from .view import LayerView
+from .options import GenerationOptions
+from .prompts import encode_prompt
+from .strategy import Strategy
+from .text import OutputStream
 
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+# Keyword arguments of the step loops; every other keyword is a generation option.
+STEP_KEYS = ("max_kv_size", "prompt_cache", "prefill_step_size", "prompt_progress_callback")
 
 
 class Step(NamedTuple):
@@ -71,76 +71,54 @@ def generate_step(
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ConfigError("The prompt is empty: give at least one token.")
-    adapter = get_adapter(model)
-    taps = install_taps(adapter.layers)
-    strategy.prepare(ModelFacts(adapter.num_layers, adapter.tied_embeddings, adapter.model_type))
-    exits = tuple(strategy.exits())
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    processors = list(logits_processors or [])
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
-    progress = prompt_progress_callback or (lambda *_: None)
-    tokens = None
+    decoder = Decoder(model, strategy, sampler=sampler, logits_processors=logits_processors)
+    return _steps(
+        decoder,
+        prompt,
+        max_tokens=max_tokens,
+        cache=prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size),
+        prefill_step_size=prefill_step_size,
+        progress=prompt_progress_callback,
+    )
 
-    def _step(inputs: mx.array):
-        nonlocal tokens
-        with mx.stream(generation_stream):
-            with taps.capture() as capture:
-                logits = model(inputs[None], cache=cache)
-            view = LayerView(adapter, capture, logits[:, -1, :], exits)
-            decision = strategy.select(view)
-            logits = decision.logits
-            if processors:
-                tokens = mx.concat([tokens, inputs]) if tokens is not None else inputs
-                for processor in processors:
-                    logits = processor(tokens, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = sampler(logprobs)
-            return token, logprobs.squeeze(0), decision
 
-    with mx.stream(generation_stream):
-        total = prompt.size
-        done = 0
-        progress(done, total)
-        while total - done > 1:
-            n = min(prefill_step_size, total - done - 1)
-            model(prompt[:n][None], cache=cache)
-            mx.eval([c.state for c in cache])
-            if processors:
-                tokens = mx.concat([tokens, prompt[:n]]) if tokens is not None else prompt[:n]
-            done += n
-            progress(done, total)
-            prompt = prompt[n:]
+def _steps(
+    decoder: Decoder,
+    prompt: mx.array,
+    *,
+    max_tokens: int,
+    cache: list[Any],
+    prefill_step_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> Generator[Step, None, None]:
+    if max_tokens == 0:
+        return
+    histories = decoder.histories([prompt[:-1].tolist()])
+    last = decoder.prefill(prompt, cache, step_size=prefill_step_size, progress=progress)
+    produced = 0
+
+    def next_step(current):
+        nonlocal produced
+        produced += 1
+        if produced == max_tokens:
+            return None
+        return decoder.step(current.tokens, cache, histories)
+
+    for n, out in enumerate(pipelined(decoder.step(last, cache, histories), next_step)):
+        if n == 0:
+            mx.eval(out.tokens)
+            if progress is not None:
+                progress(prompt.size, prompt.size)
+        decision = out.decision
+        yield Step(
+            out.tokens.item(),
+            decision.layers.item(),
+            decision.entropy.item(),
+            out.logprobs.squeeze(0),
+            {k: v.item() for k, v in decision.extras.items()},
+        )
+        if n % 256 == 0:
             mx.clear_cache()
-
-        y, logprobs, decision = _step(prompt)
-        mx.async_eval(y, logprobs, decision.layers, decision.entropy, *decision.extras.values())
-        n = 0
-        while True:
-            if n != max_tokens:
-                next_y, next_logprobs, next_decision = _step(y)
-                mx.async_eval(
-                    next_y,
-                    next_logprobs,
-                    next_decision.layers,
-                    next_decision.entropy,
-                    *next_decision.extras.values(),
-                )
-            if n == 0:
-                mx.eval(y)
-                progress(total, total)
-            if n == max_tokens:
-                break
-            yield Step(
-                y.item(),
-                decision.layers.item(),
-                decision.entropy.item(),
-                logprobs,
-                {k: v.item() for k, v in decision.extras.items()},
-            )
-            if n % 256 == 0:
-                mx.clear_cache()
-            y, logprobs, decision = next_y, next_logprobs, next_decision
-            n += 1
 
 
 @dataclass
@@ -161,6 +139,7 @@ class LayerResponse:
         generation_tps: generated tokens per second.
         peak_memory: peak memory so far, in GB.
         finish_reason: ``"stop"``, ``"length"`` or ``None`` before the last response.
+        matched_stop: the stop sequence that ended the generation, if one did.
     """
 
     text: str
@@ -176,94 +155,24 @@ class LayerResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: str | None = None
+    matched_stop: str | None = None
 
 
-def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | Sequence[int] | mx.array) -> mx.array:
-    """Prompt ids the way mlx-lm makes them (a BOS is added unless the text has one)."""
-    if isinstance(prompt, mx.array):
-        return prompt
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ConfigError("The prompt is empty: give some text.")
-        bos = tokenizer.bos_token
-        add_special = bos is None or not prompt.startswith(bos)
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
-    return mx.array(list(prompt), dtype=mx.uint32)
-
-
-def make_generation_options(
-    generation: GenerationDefaults,
-    *,
-    sampler: Sampler | None,
-    logits_processors: Sequence[LogitsProcessor] | None,
-    temp: float | None,
-    top_p: float | None,
-    min_p: float | None,
-    top_k: int | None,
-    repetition_penalty: float | None,
-    repetition_context_size: int | None,
-) -> tuple[Sampler | None, list[LogitsProcessor]]:
-    """Sampler and processors from explicit options, falling back to a preset's defaults."""
-
-    def pick(value, default, fallback):
-        return value if value is not None else (default if default is not None else fallback)
-
-    try:
-        chosen = GenerationDefaults(
-            temp=pick(temp, generation.temp, None),
-            top_p=pick(top_p, generation.top_p, None),
-            min_p=pick(min_p, generation.min_p, None),
-            top_k=pick(top_k, generation.top_k, None),
-            repetition_penalty=pick(repetition_penalty, generation.repetition_penalty, None),
-            repetition_context_size=pick(
-                repetition_context_size, generation.repetition_context_size, None
-            ),
-        )
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(
-            f"Invalid generation option {err['loc'][0]}={err.get('input')!r}: {err['msg']}."
-        ) from None
-    if sampler is None and (chosen.temp or 0.0) > 0:
-        sampler = make_sampler(
-            temp=chosen.temp,
-            top_p=chosen.top_p or 0.0,
-            min_p=chosen.min_p or 0.0,
-            top_k=chosen.top_k or 0,
-        )
-    processors = list(logits_processors or [])
-    if chosen.repetition_penalty is not None and chosen.repetition_penalty != 1.0:
-        processors += make_logits_processors(
-            repetition_penalty=chosen.repetition_penalty,
-            repetition_context_size=chosen.repetition_context_size or 20,
-        )
-    return sampler, processors
-
-
-def prepare_generation(
+def resolve_call(
     strategy: str | Strategy | ResolvedStrategy | None,
     params: dict[str, Any] | None,
-    *,
-    max_tokens: int | None,
-    unlimited_ok: bool = False,
-    seed: int | None = None,
-    **options: Any,
-) -> tuple[ResolvedStrategy, int, Sampler | None, list[LogitsProcessor]]:
-    """Resolve the strategy, check ``max_tokens`` and build the sampler and processors.
+    options: GenerationOptions | dict[str, Any] | None,
+    kwargs: dict[str, Any],
+) -> tuple[ResolvedStrategy, GenerationOptions, dict[str, Any]]:
+    """What a public entry point resolves once: strategy, options over the preset's, step args.
 
-    ``options`` are the sampler/processor options of :func:`make_generation_options`;
-    ``seed`` seeds MLX's random state.
+    ``kwargs`` holds generation options given as keywords (``temp=...``) and the step
+    loops' arguments (:data:`STEP_KEYS`); an unknown keyword is a ``ConfigError``.
     """
     resolved = resolve_strategy(strategy, params)
-    if max_tokens is None:
-        max_tokens = resolved.generation.max_tokens or 256
-    if max_tokens <= 0 and not (unlimited_ok and max_tokens == -1):
-        extra = " (or -1 for no limit)" if unlimited_ok else ""
-        raise ConfigError(f"max_tokens must be positive{extra}, got {max_tokens}.")
-    sampler, processors = make_generation_options(resolved.generation, **options)
-    if seed is not None:
-        mx.random.seed(seed)
-    return resolved, max_tokens, sampler, processors
+    step_kwargs = {k: kwargs.pop(k) for k in STEP_KEYS if k in kwargs}
+    chosen = GenerationOptions.build(options, **kwargs).over(resolved.generation)
+    return resolved, chosen, step_kwargs
 
 
 def stream_generate(
@@ -273,16 +182,9 @@ def stream_generate(
     *,
     strategy: str | Strategy | ResolvedStrategy | None = "final",
     params: dict[str, Any] | None = None,
-    max_tokens: int | None = None,
+    options: GenerationOptions | dict[str, Any] | None = None,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
-    temp: float | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int | None = None,
-    seed: int | None = None,
     **kwargs: Any,
 ) -> Generator[LayerResponse, None, None]:
     """Stream text decoded with ``strategy``; the last response carries the timings.
@@ -293,75 +195,123 @@ def stream_generate(
         strategy: a registered strategy name, a preset name, a YAML preset path or a
             :class:`~layerdecode.strategy.Strategy` object.
         params: strategy params (override the preset's).
-        max_tokens: tokens to generate (default: the preset's, else 256; -1: no limit).
-        sampler, logits_processors: mlx-lm sampler and processors; when not given they are
-            built from ``temp``/``top_p``/``min_p``/``top_k`` and ``repetition_penalty``
-            (falling back to the preset's generation defaults, then greedy).
-        seed: seeds MLX's random state before generating.
-        kwargs: passed to :func:`generate_step` (``max_kv_size``, ``prompt_cache``...).
+        options: :class:`~layerdecode.options.GenerationOptions` (or a dict of them):
+            ``temp``, ``top_p``, ``min_p``, ``top_k``, ``repetition_penalty``,
+            ``repetition_context_size``, ``seed``, ``max_tokens`` (default: the preset's,
+            else 256; -1: no limit) and ``stop`` sequences. Unset options fall back to the
+            preset's generation defaults, then to greedy decoding.
+        sampler, logits_processors: mlx-lm sampler and processors; an explicit sampler
+            replaces the one the options make, processors run before the options' ones.
+        kwargs: generation options as keywords (``temp=0.7``, ``stop=["\\n\\n"]``) and
+            :func:`generate_step`'s ``max_kv_size``, ``prompt_cache``,
+            ``prefill_step_size``, ``prompt_progress_callback``.
     """
-    resolved, max_tokens, sampler, processors = prepare_generation(
-        strategy,
-        params,
-        max_tokens=max_tokens,
-        unlimited_ok=True,
+    resolved, chosen, step_kwargs = resolve_call(strategy, params, options, kwargs)
+    tokenizer = _wrap(tokenizer)
+    return stream_resolved(
+        model,
+        tokenizer,
+        encode_prompt(tokenizer, prompt),
+        resolved,
+        chosen,
         sampler=sampler,
         logits_processors=logits_processors,
-        temp=temp,
-        top_p=top_p,
-        min_p=min_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        seed=seed,
+        **step_kwargs,
     )
-    if not isinstance(tokenizer, TokenizerWrapper):
-        tokenizer = TokenizerWrapper(tokenizer)
-    prompt = encode_prompt(tokenizer, prompt)
-    num_layers = get_adapter(model).num_layers
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    steps = generate_step(
-        prompt,
+
+
+def _wrap(tokenizer: Any) -> TokenizerWrapper:
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+
+
+def make_decoder(
+    model: nn.Module,
+    resolved: ResolvedStrategy,
+    options: GenerationOptions,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Iterable[LogitsProcessor] | None = None,
+) -> Decoder:
+    """The step factory for a resolved strategy and options (seeds MLX's random state)."""
+    options.seed_random()
+    return Decoder(
         model,
         resolved.strategy,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=processors,
-        **kwargs,
+        sampler=sampler or options.sampler(),
+        logits_processors=[*(logits_processors or ()), *options.logits_processors()],
     )
+
+
+def stream_resolved(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: mx.array,
+    resolved: ResolvedStrategy,
+    options: GenerationOptions,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    max_kv_size: int | None = None,
+    prompt_cache: list[Any] | None = None,
+    prefill_step_size: int = 2048,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Generator[LayerResponse, None, None]:
+    """:func:`stream_generate` for a resolved strategy, options and encoded prompt."""
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ConfigError("The prompt is empty: give at least one token.")
+    max_tokens = options.max_tokens_or_default()
+    decoder = make_decoder(
+        model, resolved, options, sampler=sampler, logits_processors=logits_processors
+    )
+    steps = _steps(
+        decoder,
+        prompt,
+        max_tokens=max_tokens,
+        cache=prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size),
+        prefill_step_size=prefill_step_size,
+        progress=prompt_progress_callback,
+    )
+    return _responses(model, tokenizer, prompt.size, decoder.num_layers, steps, max_tokens, options)
+
+
+def _responses(model, tokenizer, prompt_size, num_layers, steps, max_tokens, options):
+    output = OutputStream(tokenizer, max_tokens=max_tokens, stop=options.stop_sequences)
     with wired_limit(model, [generation_stream]):
         tic = time.perf_counter()
         prompt_tps = 0.0
-        step = None
-        n = 0
         for n, step in enumerate(steps):
             if n == 0:
-                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                prompt_tps = prompt_size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
-            if step.token in tokenizer.eos_token_ids:
-                break
-            detokenizer.add_token(step.token)
-            if (n + 1) == max_tokens:
-                break
-            yield _response(
-                detokenizer.last_segment,
+            segment, finish = output.feed(step.token)
+            yield make_response(
+                segment,
                 step,
-                num_layers,
-                prompt.size,
-                prompt_tps,
-                n + 1,
-                tic,
-                None,
+                num_layers=num_layers,
+                prompt_tokens=prompt_size,
+                prompt_tps=prompt_tps,
+                generated=n + 1,
+                tic=tic,
+                finish=finish,
+                matched_stop=output.matched_stop,
             )
-        detokenizer.finalize()
-        finish = "stop" if step.token in tokenizer.eos_token_ids else "length"
-        yield _response(
-            detokenizer.last_segment, step, num_layers, prompt.size, prompt_tps, n + 1, tic, finish
-        )
+            if finish is not None:
+                break
 
 
-def _response(text, step: Step, num_layers, prompt_tokens, prompt_tps, n, tic, finish):
+def make_response(
+    text: str,
+    step: Step,
+    *,
+    num_layers: int,
+    prompt_tokens: int,
+    prompt_tps: float,
+    generated: int,
+    tic: float,
+    finish: str | None,
+    matched_stop: str | None = None,
+) -> LayerResponse:
+    """A :class:`LayerResponse` for one step, with the speed since ``tic``."""
     return LayerResponse(
         text=text,
         token=step.token,
@@ -372,10 +322,11 @@ def _response(text, step: Step, num_layers, prompt_tokens, prompt_tps, n, tic, f
         num_layers=num_layers,
         prompt_tokens=prompt_tokens,
         prompt_tps=prompt_tps,
-        generation_tokens=n,
-        generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+        generation_tokens=generated,
+        generation_tps=generated / max(time.perf_counter() - tic, 1e-9),
         peak_memory=mx.get_peak_memory() / 1e9,
         finish_reason=finish,
+        matched_stop=matched_stop,
     )
 
 
@@ -384,7 +335,8 @@ class GenerationResult:
     """A whole generation: text, tokens and, per token, the layer it came from.
 
     ``tokens``, ``layers``, ``entropies`` and ``extras`` have one entry per generated token
-    (the end-of-sequence token, which is not part of the text, is left out).
+    (the end-of-sequence token, which is not part of the text, is left out; the tokens that
+    spelled a stop sequence are kept, while the text ends before it).
     """
 
     text: str
@@ -399,6 +351,7 @@ class GenerationResult:
     generation_tps: float
     peak_memory_gb: float
     extras: dict[str, list[int]] = field(default_factory=dict)
+    stop_sequence: str | None = None
 
     @property
     def non_final_share(self) -> float:
@@ -417,8 +370,6 @@ class GenerationResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         out = asdict(self)
         out["non_final_share"] = self.non_final_share
         out["mean_depth"] = self.mean_depth
@@ -430,27 +381,42 @@ def generate(
     tokenizer: TokenizerWrapper,
     prompt: str | Sequence[int] | mx.array,
     *,
-    strategy: str | Strategy | None = "final",
+    strategy: str | Strategy | ResolvedStrategy | None = "final",
     params: dict[str, Any] | None = None,
+    options: GenerationOptions | dict[str, Any] | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate a whole response; see :func:`stream_generate` for the options."""
-    resolved = resolve_strategy(strategy, params)
-    if not isinstance(tokenizer, TokenizerWrapper):
-        tokenizer = TokenizerWrapper(tokenizer)
+    resolved, chosen, step_kwargs = resolve_call(strategy, params, options, kwargs)
+    tokenizer = _wrap(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt)
-    collector = ResultCollector(prompt_ids.tolist(), resolved.strategy)
-    for response in stream_generate(model, tokenizer, prompt_ids, strategy=resolved, **kwargs):
+    collector = ResultCollector(prompt_ids.tolist(), resolved)
+    responses = stream_resolved(
+        model,
+        tokenizer,
+        prompt_ids,
+        resolved,
+        chosen,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        **step_kwargs,
+    )
+    for response in responses:
         collector.add(response)
     return collector.result()
 
 
 class ResultCollector:
-    """Builds a :class:`GenerationResult` from the responses of :func:`stream_generate`."""
+    """Builds a :class:`GenerationResult` from one sequence's :class:`LayerResponse` s.
 
-    def __init__(self, prompt_tokens: Sequence[int], strategy: Strategy) -> None:
+    The single-stream loop and every row of a batch are collected by this class.
+    """
+
+    def __init__(self, prompt_tokens: Sequence[int], strategy: Strategy | ResolvedStrategy) -> None:
         self.prompt_tokens = [int(t) for t in prompt_tokens]
-        self.strategy = {"name": strategy.name, "params": strategy.resolved_params()}
+        self.strategy = resolve_strategy(strategy).info()
         self.pieces: list[str] = []
         self.tokens: list[int] = []
         self.layers: list[int] = []
@@ -461,7 +427,7 @@ class ResultCollector:
     def add(self, response: LayerResponse) -> None:
         self.last = response
         self.pieces.append(response.text)
-        if response.finish_reason == "stop":
+        if response.finish_reason == "stop" and response.matched_stop is None:
             return  # the end-of-sequence token is not part of the output
         self.tokens.append(response.token)
         self.layers.append(response.layer)
@@ -487,4 +453,31 @@ class ResultCollector:
             generation_tps=last.generation_tps,
             peak_memory_gb=last.peak_memory,
             extras=self.extras,
+            stop_sequence=last.matched_stop,
         )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "make_generation_options":
+        import warnings
+
+        warnings.warn(
+            f"layerdecode.generation.{name} is gone: pass options=GenerationOptions(...) "
+            "(or keywords) to generate/stream_generate/batch_generate",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _make_generation_options
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_generation_options(
+    generation: GenerationOptions,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    **options: Any,
+) -> tuple[Sampler | None, list[LogitsProcessor]]:
+    """The old (sampler, processors) builder, kept for code written against it."""
+    chosen = GenerationOptions.build(**options).over(generation)
+    return sampler or chosen.sampler(), [*(logits_processors or ()), *chosen.logits_processors()]

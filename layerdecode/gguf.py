@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from layerdecode.dtypes import DTYPES as DTYPES  # re-exported: callers read gguf.DTYPES
+from layerdecode.dtypes import check_dtype
 from layerdecode.errors import ModelError, UnsupportedModelError
-
-DTYPES = ("quantized", "float32", "float16", "bfloat16")
 
 # GGUF ``general.architecture`` -> mlx-lm ``model_type``.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -144,9 +144,8 @@ def convert_gguf(
 
 def read_gguf(path: str | os.PathLike, *, dtype: str | None = None) -> GGUFModel:
     """Read config, mlx-lm-named weights and tokenizer from a GGUF file."""
-    dtype = dtype or "quantized"
-    if dtype not in DTYPES:
-        raise ModelError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    # A GGUF read on its own keeps its native quantisation unless told otherwise.
+    dtype = check_dtype("quantized" if dtype is None else dtype)
     reader = _open(path)
     arch = _architecture(reader, path)
     config = _config(reader, arch, path)

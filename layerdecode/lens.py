@@ -4,6 +4,9 @@ One forward pass with every layer tapped; each requested layer is decoded throug
 final norm and head (exactly as the model decodes its last layer), a chunk of rows at a
 time, and reduced right away to the top-1 token, its probability and the entropy, so
 memory stays at one chunk of ``(rows, vocab)`` logits whatever the grid size.
+
+This module computes; the pictures of its results live in ``layerdecode.plots`` and the
+terminal views in ``layerdecode.render``.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .generation import GenerationResult
+
+__all__ = ["LayerSpec", "LensResult", "inspect_generation", "logit_lens", "parse_layer_spec"]
 
 # Logit rows decoded per chunk: bounds the transient (rows, vocab) float32 buffer.
 _CHUNK_ELEMENTS = 1 << 24
@@ -87,6 +97,78 @@ class LensResult:
         }
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """A selection of decoder layers, parsed once and resolved against any model depth.
+
+    ``items`` holds single layers (``int``) and half-open ranges (``(start, end)``, either
+    end None); negative numbers count from the end, as in Python slices.
+    """
+
+    text: str
+    items: tuple[int | tuple[int | None, int | None], ...]
+
+    def resolve(self, num_layers: int) -> list[int]:
+        """The selected layers of a model with ``num_layers`` decoder layers, ascending."""
+        if not self.items:
+            raise ConfigError("No layers to decode: the layer selection is empty.")
+        last = num_layers - 1
+        chosen: set[int] = set()
+        for item in self.items:
+            if isinstance(item, tuple):
+                chosen.update(range(num_layers)[slice(*item)])
+                continue
+            index = item + num_layers if item < 0 else item
+            if not 0 <= index < num_layers:
+                raise ConfigError(
+                    f"Layer {item} is out of range: the model has {num_layers} decoder layers "
+                    f"(0..{last})."
+                )
+            chosen.add(index)
+        if not chosen:
+            raise ConfigError(
+                f"Layers '{self.text}' select no layer of this model ({num_layers} layers, "
+                f"0..{last})."
+            )
+        return sorted(chosen)
+
+
+def parse_layer_spec(spec: str) -> LayerSpec:
+    """``"20:30"``, ``"-8:"``, ``"5"`` or ``"0,10,20:30"`` -> a :class:`LayerSpec`.
+
+    Ranges are half-open like Python slices; negative numbers count from the end. A spec
+    that does not parse raises ``ConfigError``; range checks wait for ``resolve``.
+    """
+    items: list[int | tuple[int | None, int | None]] = []
+    for part in spec.split(","):
+        try:
+            if ":" in part:
+                start, _, end = part.partition(":")
+                items.append((_bound(start), _bound(end)))
+            else:
+                items.append(int(part))
+        except ValueError:
+            raise ConfigError(
+                f"Malformed --layers '{spec}': use START:END (half-open, like 20:30), a layer "
+                "number, or a comma-separated mix; negative numbers count from the end."
+            ) from None
+    return LayerSpec(text=spec, items=tuple(items))
+
+
+def _bound(text: str) -> int | None:
+    return int(text) if text.strip() else None
+
+
+def _as_spec(layers: Sequence[int] | str | LayerSpec) -> LayerSpec:
+    """Every way to name layers becomes a LayerSpec, so one ``resolve`` checks them all."""
+    if isinstance(layers, LayerSpec):
+        return layers
+    if isinstance(layers, str):
+        return parse_layer_spec(layers)
+    numbers = tuple(int(layer) for layer in layers)
+    return LayerSpec(text=",".join(map(str, numbers)), items=numbers)
+
+
 def _numpy_head(adapter: Any) -> np.ndarray | None:
     """The output head as a float32 ``(vocab, hidden)`` matrix, when numpy should apply it.
 
@@ -138,7 +220,7 @@ def logit_lens(
     tokenizer: Any,
     token_ids: Sequence[int],
     *,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int] | str | LayerSpec | None = None,
     chosen_layers: Mapping[int, int] | Sequence[int | None] | None = None,
     prompt_length: int | None = None,
 ) -> LensResult:
@@ -147,7 +229,8 @@ def logit_lens(
     Args:
         model, tokenizer: as returned by :func:`layerdecode.load`.
         token_ids: the sequence to read (prompt, then any generated tokens).
-        layers: 0-based decoder layers to decode; negative values count from the end.
+        layers: 0-based decoder layers to decode, negative values counting from the end, or
+            a spec such as ``"20:30"`` or ``"0,-4:"`` (see :func:`parse_layer_spec`).
         chosen_layers: the layer a strategy decoded each position's next token from, as
             ``{position: layer}`` or a per-position sequence (``None``/``-1``: none).
         prompt_length: prompt tokens at the start of ``token_ids`` (default: all of them).
@@ -155,7 +238,6 @@ def logit_lens(
     import mlx.core as mx
 
     from .adapters import get_adapter
-    from .errors import ConfigError
     from .taps import install_taps
     from .view import entropy_of
 
@@ -165,21 +247,7 @@ def logit_lens(
     adapter = get_adapter(model)
     num_layers = adapter.num_layers
     final = num_layers - 1
-    if layers is None:
-        rows = list(range(num_layers))
-    else:
-        rows = []
-        for layer in layers:
-            index = layer + num_layers if layer < 0 else layer
-            if not 0 <= index < num_layers:
-                raise ConfigError(
-                    f"Layer {layer} is out of range: the model has {num_layers} decoder layers "
-                    f"(0..{final})."
-                )
-            rows.append(index)
-        rows = sorted(set(rows))
-        if not rows:
-            raise ConfigError("No layers to decode: the layer range is empty.")
+    rows = list(range(num_layers)) if layers is None else _as_spec(layers).resolve(num_layers)
 
     taps = install_taps(adapter.layers)
     with taps.capture() as capture:
@@ -247,171 +315,35 @@ def logit_lens(
     )
 
 
-def short_token(text: str, width: int = 6) -> str:
-    """A token made printable and at most ``width`` characters (``…`` marks a cut)."""
-    text = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    text = text.replace(" ", "·") if text.strip() == "" else text.replace(" ", "␣", 1)
-    if text.startswith("␣"):
-        text = " " + text[1:]
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def plot_lens(
-    result: LensResult,
-    path: str | Path,
+def inspect_generation(
+    model: Any,
+    tokenizer: Any,
+    result: GenerationResult,
     *,
-    color: str = "entropy",
-    title: str | None = None,
-    dpi: int = 110,
-) -> Path:
-    """Write the lens grid as a PNG heatmap.
-
-    Layers run up the y axis, positions along x; the colour is the entropy (``color=
-    "entropy"``) or the top-1 probability (``"prob"``); each cell shows its top-1 token.
-    Darker cells are more confident in both colourings. The layer the strategy chose at
-    each generated position is boxed (red when its top token differs from the final
-    layer's).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from .errors import ConfigError
-
-    if color not in ("entropy", "prob"):
-        raise ConfigError(f"Unknown colour '{color}': use entropy or prob.")
-    values = result.entropies if color == "entropy" else result.probs
-    n_rows, n_cols = values.shape
-    # Size from the grid: ~0.42in per column and ~0.24in per row keep 6-char labels legible.
-    width = min(max(6.0, 1.8 + 0.42 * n_cols), 300.0)
-    height = min(max(3.5, 1.9 + 0.24 * n_rows), 300.0)
-    fig, ax = plt.subplots(figsize=(width, height))
-    if color == "entropy":
-        cmap, vmin, vmax, label = "viridis", 0.0, max(float(values.max()), 1e-6), "entropy (nats)"
-    else:
-        cmap, vmin, vmax, label = "viridis_r", 0.0, 1.0, "top-1 probability"
-    image = ax.imshow(
-        values,
-        origin="lower",
-        aspect="auto",
-        cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
-        interpolation="nearest",
+    layers: Sequence[int] | str | LayerSpec | None = None,
+) -> LensResult:
+    """The lens over a generation's prompt and output, each generated position marked with
+    the layer its strategy decoded the next token from (what ``layerdecode inspect`` shows)."""
+    # Position j predicts token j + 1, so the first generated token is chosen at the prompt's end.
+    start = len(result.prompt_tokens) - 1
+    chosen = {start + k: layer for k, layer in enumerate(result.layers)}
+    return logit_lens(
+        model,
+        tokenizer,
+        result.prompt_tokens + result.tokens,
+        layers=layers,
+        chosen_layers=chosen,
+        prompt_length=len(result.prompt_tokens),
     )
-    norm = image.norm
-    colormap = image.cmap
-    for r in range(n_rows):
-        for c in range(n_cols):
-            rgba = colormap(norm(values[r, c]))
-            luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-            ax.text(
-                c,
-                r,
-                short_token(result.top_tokens[r][c]),
-                ha="center",
-                va="center",
-                fontsize=6,
-                color="black" if luminance > 0.5 else "white",
-            )
-    row_of = {layer: i for i, layer in enumerate(result.layers)}
-    disagree = set(result.disagreements())
-    for pos, layer in enumerate(result.chosen_layers.tolist()):
-        if layer < 0 or layer not in row_of:
-            continue
-        bad = (pos, layer) in disagree
-        ax.add_patch(
-            Rectangle(
-                (pos - 0.5, row_of[layer] - 0.5),
-                1,
-                1,
-                fill=False,
-                edgecolor="red" if bad else "white",
-                linewidth=2.0 if bad else 1.4,
-            )
-        )
-    ax.set_yticks(range(n_rows))
-    ax.set_yticklabels([str(layer) for layer in result.layers], fontsize=7)
-    ax.set_ylabel("decoder layer (0-based)")
-    ax.set_xticks(range(n_cols))
-    ax.set_xticklabels([short_token(t) for t in result.tokens], rotation=90, fontsize=6)
-    ax.set_xlabel("input token at each position (cells: predicted next token)")
-    for tick, pos in zip(ax.get_xticklabels(), range(n_cols), strict=True):
-        if pos >= result.prompt_length:
-            tick.set_color("tab:blue")
-    if result.prompt_length < n_cols:
-        ax.axvline(result.prompt_length - 1.5, color="black", linewidth=1.0, linestyle="--")
-    cbar = fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
-    cbar.set_label(label, fontsize=8)
-    cbar.ax.tick_params(labelsize=7)
-    heading = title or "logit lens"
-    ax.set_title(
-        f"{heading} — boxes: layer the strategy decoded from "
-        "(red: its top token differs from the final layer's); blue: generated tokens",
-        fontsize=8,
-    )
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():  # tokens in scripts the font lacks draw as boxes
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.tight_layout()
-            fig.savefig(path, dpi=dpi)
-    except OSError as e:
-        raise ConfigError(f"Cannot write {path}: {e.strerror or e}.") from None
-    finally:
-        plt.close(fig)
-    return path
 
 
-def lens_html(result: LensResult, *, color: str = "entropy", title: str = "logit lens") -> str:
-    """The lens grid as a self-contained HTML table (top layer first)."""
-    import html
+# Pictures moved to layerdecode.plots; the old names keep working, with a warning.
+_MOVED = dict.fromkeys(("plot_lens", "lens_html", "short_token"), "layerdecode.plots")
 
-    from matplotlib import colormaps
 
-    values = result.entropies if color == "entropy" else result.probs
-    vmax = max(float(values.max()), 1e-6) if color == "entropy" else 1.0
-    cmap = colormaps["viridis" if color == "entropy" else "viridis_r"]
-    row_of = {layer: i for i, layer in enumerate(result.layers)}
-    disagree = set(result.disagreements())
-    legend = "entropy (nats)" if color == "entropy" else "top-1 probability"
-    legend += "; darker = more confident"
-    lines = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>",
-        "body{font-family:sans-serif;font-size:12px} table{border-collapse:collapse}",
-        "td,th{border:1px solid #ccc;padding:2px 4px;font-family:monospace;white-space:pre}",
-        "td.chosen{outline:2px solid #fff;outline-offset:-3px}",
-        "td.differs{outline:2px solid #e00;outline-offset:-3px} th.gen{color:#1f77b4}",
-        "</style></head><body>",
-        f"<h3>{html.escape(title)}</h3>",
-        f"<p>Colour: {legend}. Boxed: layer the strategy decoded from (red: its top token "
-        "differs from the final layer's).</p>",
-        "<table><tr><th>layer</th>",
-    ]
-    for pos, tok in enumerate(result.tokens):
-        cls = " class='gen'" if pos >= result.prompt_length else ""
-        lines.append(f"<th{cls}>{html.escape(short_token(tok, 10))}</th>")
-    lines.append("</tr>")
-    for layer in reversed(result.layers):
-        r = row_of[layer]
-        lines.append(f"<tr><th>{layer}</th>")
-        for pos in range(result.num_positions):
-            rgba = cmap(values[r, pos] / vmax)
-            lum = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-            bg = "#{:02x}{:02x}{:02x}".format(*(int(255 * x) for x in rgba[:3]))
-            fg = "#000" if lum > 0.5 else "#fff"
-            cls = ""
-            if result.chosen_layers[pos] == layer:
-                cls = " class='differs'" if (pos, layer) in disagree else " class='chosen'"
-            tip = (
-                f"p={result.probs[r, pos]:.3f} H={result.entropies[r, pos]:.3f} "
-                f"id={result.top_ids[r, pos]}"
-            )
-            text = html.escape(short_token(result.top_tokens[r][pos], 10))
-            lines.append(f"<td{cls} style='background:{bg};color:{fg}' title='{tip}'>{text}</td>")
-        lines.append("</tr>")
-    lines.append("</table></body></html>")
-    return "\n".join(lines)
+def __getattr__(name: str) -> Any:
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"{__name__}.{name} moved to {home}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(import_module(home), name)

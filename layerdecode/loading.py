@@ -17,24 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from layerdecode.dtypes import DTYPES, check_dtype, default_dtype
 from layerdecode.errors import ModelError
 
+__all__ = ["DEFAULT_MODEL", "DTYPES", "cast_model", "default_dtype", "load"]
+
+# The one spelling of the default model's name: import it rather than repeat it.
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = ("float32", "bfloat16", "float16", "quantized")
-
-
-def default_dtype() -> str:
-    """The fastest dtype here: quantised weights on Metal, float32 on the CPU.
-
-    MLX's quantised matmul on the CPU is much slower than a float32 GEMM, while on Apple GPUs
-    the quantised kernels win because decoding is bound by memory bandwidth.
-    """
-    import mlx.core as mx
-
-    on_gpu = mx.default_device() == mx.gpu
-    if on_gpu and mx.metal.is_available():
-        return "quantized"
-    return "float32"
 
 
 def load(
@@ -49,11 +38,10 @@ def load(
     weights where the source has them; float sources stay float) or None for
     ``default_dtype()``. ``progress`` receives one-line messages while a model is fetched.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ModelError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    dtype = dtype or default_dtype()
+    dtype = check_dtype(dtype)
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
 
+    # Lazy: manifests pulls in pydantic, and a plain path should not pay for it.
     from layerdecode import manifests
 
     if manifests.is_manifest_name(name):

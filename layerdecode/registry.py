@@ -7,12 +7,11 @@ register with ``@register_strategy("name")``.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -86,8 +85,7 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         known = sorted(self._items)
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, known)
         return f"Unknown {self.kind} '{name}'.{hint} Known: {', '.join(known) or '(none)'}."
 
     def names(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""Rich rendering for the CLI: layer colours and legend, the compare table, the lens grid."""
+"""Rich rendering for the CLI: layer colours and legend, the compare table, the lens grid,
+the eval summary and disagreement tables."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from .plots import short_token
+
 if TYPE_CHECKING:
+    from .eval.stats import Disagreement, Summary
     from .generation import GenerationResult
     from .lens import LensResult
 
@@ -229,8 +233,6 @@ def lens_grid(result: LensResult, *, color: str = "entropy") -> Text:
 
 def lens_table(result: LensResult) -> Table:
     """Per generated position: the token, the chosen layer, and the final vs chosen top-1."""
-    from .lens import short_token
-
     table = Table(title="generated tokens", title_justify="left")
     for column in ("pos", "token", "layer", "final top-1", "chosen top-1", "H chosen", "same"):
         table.add_column(column, justify="right" if column in ("pos", "layer") else "left")
@@ -264,4 +266,109 @@ def lens_table(result: LensResult) -> Table:
             entropy,
             same,
         )
+    return table
+
+
+# -- eval summaries ---------------------------------------------------------------------------
+
+
+def _percent(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h 02m``, ``3m 07s`` or ``12.5s``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def render_summary(summary: Summary, *, title: str | None = None) -> Table:
+    """A ``rich.table.Table`` with one row per strategy (print it with a rich Console)."""
+
+    caption = (
+        f"won/lost/tied, McNemar p and changed (items whose extracted answer differs) are "
+        f"paired against {summary.baseline}; time: spent generating; non-final: tokens decoded "
+        "below the final layer; depth: mean layers below it; cap: generations that hit the "
+        "token limit, usually repetition loops; right, no cap: right answers whose generation "
+        "ended before the cap."
+    )
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for column, justify in [
+        ("strategy", "left"),
+        ("n", "right"),
+        ("accuracy (95% CI)", "right"),
+        ("right, no cap", "right"),
+        ("won/lost/tied", "right"),
+        ("McNemar p", "right"),
+        ("changed", "right"),
+        ("tokens", "right"),
+        ("tok/s", "right"),
+        ("time", "right"),
+        ("non-final", "right"),
+        ("depth", "right"),
+        ("cap", "right"),
+    ]:
+        table.add_column(column, justify=justify, no_wrap=column == "accuracy (95% CI)")
+    comparisons = {c.strategy: c for c in summary.comparisons}
+    for s in summary.strategies:
+        accuracy = (
+            "-"
+            if s.accuracy is None
+            else f"{_percent(s.accuracy)} ({_percent(s.ci_low)}-{_percent(s.ci_high)})"
+        )
+        c = comparisons.get(s.name)
+        paired = f"{c.wins}/{c.losses}/{c.ties_correct + c.ties_wrong}" if c else "baseline"
+        table.add_row(
+            s.name,
+            str(s.n),
+            accuracy,
+            str(s.correct_without_cap),
+            paired,
+            f"{c.p_value:.3g}" if c else "",
+            f"{c.answers_differ}" if c else "",
+            _number(s.mean_tokens, 0),
+            _number(s.mean_tokens_per_sec),
+            format_duration(s.busy_seconds),
+            _percent(s.share_non_final),
+            _number(s.mean_depth_below_final, 2),
+            f"{s.hit_token_limit} ({_percent(s.hit_token_limit_share, 0)})",
+        )
+    return table
+
+
+def render_disagreements(
+    items: Sequence[Disagreement], strategies: Sequence[str], *, limit: int | None = None
+) -> Table:
+    """A ``rich.table.Table`` of items where strategies disagree: each strategy's extracted
+    answer, marked right or wrong, and ``cap`` where it hit the token limit."""
+
+    shown = list(items if limit is None else items[:limit])
+    more = len(items) - len(shown)
+    title = f"{len(items)} items where the strategies disagree" + (
+        f" (first {len(shown)} shown)" if more else ""
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("item")
+    table.add_column("gold", justify="right")
+    for name in strategies:
+        table.add_column(name, justify="right")
+    for item in shown:
+        cells = []
+        for answer in item.answers:
+            mark = "right" if answer.correct else "wrong"
+            cap = ", cap" if answer.hit_token_limit else ""
+            value = "-" if answer.extracted is None else answer.extracted
+            cells.append(f"{value} ({mark}{cap})")
+        table.add_row(item.item_id, item.gold, *cells)
     return table

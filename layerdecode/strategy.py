@@ -8,6 +8,8 @@ no Python branching on array values, so the core loop keeps its asynchronous pip
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,7 +17,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line_error
 from .view import Exit, LayerView
 
 
@@ -43,14 +45,8 @@ class Decision:
 
 
 def format_validation_error(strategy: str, error: ValidationError) -> str:
-    parts = []
-    for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "params"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown parameter '{where}'")
-        else:
-            parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-    return f"Invalid params for strategy '{strategy}': " + "; ".join(parts)
+    where = f"Invalid params for strategy '{strategy}'"
+    return one_line_error(error, where, noun="parameter", show_input=True)
 
 
 @dataclass(frozen=True)
@@ -88,6 +84,26 @@ class Strategy:
             raise ConfigError(format_validation_error(self.name, e)) from None
         self.model: ModelFacts | None = None
 
+    @classmethod
+    def describe_params(cls) -> list[dict[str, Any]]:
+        """Each param as ``{"name", "type", "default", "description"}``, for help and docs."""
+        from pydantic_core import PydanticUndefined
+
+        rows = []
+        for name, info in cls.Params.model_fields.items():
+            default = info.default
+            if default is PydanticUndefined:
+                default = "(required)" if info.default_factory is None else info.default_factory()
+            rows.append(
+                {
+                    "name": name,
+                    "type": _type_name(info.annotation),
+                    "default": default,
+                    "description": info.description or "",
+                }
+            )
+        return rows
+
     def resolved_params(self) -> dict[str, Any]:
         """The params with defaults filled in, as plain JSON-able values."""
         return self.params.model_dump(mode="json")
@@ -106,6 +122,22 @@ class Strategy:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.resolved_params().items())
         return f"{type(self).__name__}({params})"
+
+
+def _type_name(annotation: Any) -> str:
+    """A short, readable name of a type annotation (``int | none``, ``'a' | 'b'``)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) if not isinstance(a, str) else a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def final_layer_decision(view: LayerView) -> Decision:

@@ -62,14 +62,21 @@ def _tapped_class(cls: type) -> type:
 
 
 class LayerTaps:
-    """Taps installed on a list of decoder layers; ``capture()`` records one forward pass."""
+    """Taps installed on a list of decoder layers; ``capture()`` records one forward pass.
+
+    Installing is idempotent (a layer already tapped keeps its tap) and reversible:
+    :meth:`remove` gives every layer its own class back; used as a context manager, the
+    handle removes on exit the taps it installed itself.
+    """
 
     def __init__(self, layers: list) -> None:
         self.layers = layers
         self._states: list[_TapState] = []
+        self._installed: list = []
         for index, layer in enumerate(layers):
             state = layer.__dict__.get("_layerdecode_tap")
             if state is None:
+                self._installed.append(layer)
                 cls = type(layer)
                 layer.__class__ = _tapped_class(cls)
                 state = _TapState(index)
@@ -97,11 +104,26 @@ class LayerTaps:
 
     def remove(self) -> None:
         """Give every layer its original class back."""
-        for layer in self.layers:
-            state = layer.__dict__.pop("_layerdecode_tap", None)
-            if state is not None:
-                layer.__class__ = type(layer)._layerdecode_original
+        _untap(self.layers)
         self._states = []
+
+    def __enter__(self) -> LayerTaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _untap(self._installed)
+        self._installed = []
+
+
+def _untap(layers: list) -> None:
+    for layer in layers:
+        if layer.__dict__.pop("_layerdecode_tap", None) is not None:
+            layer.__class__ = type(layer)._layerdecode_original
+
+
+def is_tapped(layer: Any) -> bool:
+    """Whether ``layer`` carries a layerdecode tap."""
+    return "_layerdecode_tap" in layer.__dict__
 
 
 def install_taps(layers: list) -> LayerTaps:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 # --- real models (layerdecode.loading / manifests) ------------------------------------------
@@ -26,3 +28,31 @@ def smollm2_gguf(smollm2):
 
 
 # --- end of real models -------------------------------------------------------------------
+
+
+# --- tiny random-weight models and a clean registry (layerdecode.testing) ------------------
+
+
+@pytest.fixture
+def fresh_registry():
+    """An empty strategy registry for the test; what the test registers is forgotten after it."""
+    from layerdecode.testing import fresh_registry
+
+    with fresh_registry():
+        yield
+
+
+@pytest.fixture
+def tiny_llama():
+    """(model, tokenizer): the 6-layer tiny llama and the word-level tokenizer of its vocabulary."""
+    from layerdecode.testing import tiny_model, tiny_tokenizer
+
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny llama and its tokenizer saved once as an mlx-lm directory (do not modify it)."""
+    from layerdecode.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -9,13 +9,12 @@ from mlx.utils import tree_flatten
 from layerdecode.adapters import get_adapter
 from layerdecode.errors import UnsupportedModelError
 from layerdecode.taps import install_taps
-
-from .tiny_models import ARCHS, tiny_model
+from layerdecode.testing import TINY_ARCHITECTURES, tiny_model
 
 IDS = mx.array([[3, 17, 42, 8, 99, 5, 23, 61]])
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
 def test_adapter_reproduces_model_logits(arch):
     model = tiny_model(arch)
     adapter = get_adapter(model)

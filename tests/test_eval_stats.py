@@ -1,4 +1,7 @@
-"""Statistics: Wilson intervals, exact McNemar, the summary, its table and its plot."""
+"""Statistics: Wilson intervals, exact McNemar, the summary, its table and its plot.
+
+The table renderers live in ``layerdecode.render`` and the figure in ``layerdecode.plots``;
+they are tested here on the same records."""
 
 from __future__ import annotations
 
@@ -14,15 +17,12 @@ from layerdecode.eval.stats import (
     busy_seconds,
     complete_items,
     disagreements,
-    figure_size,
-    format_duration,
     mcnemar_exact,
-    plot_summary,
-    render_disagreements,
-    render_summary,
     summarize,
     wilson_interval,
 )
+from layerdecode.plots import figure_size, plot_summary
+from layerdecode.render import format_duration, render_disagreements, render_summary
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models import llama
 
 from layerdecode import lens
 from layerdecode.errors import ConfigError
+from layerdecode.testing import tiny_model
 
 
 class _Tokenizer:
@@ -18,21 +18,10 @@ class _Tokenizer:
 
 @pytest.fixture(scope="module")
 def model():
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        num_attention_heads=4,
-        rms_norm_eps=1e-5,
-        vocab_size=200,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
+    # Unscaled weights and 200 tokens: the model these tests' positions were picked on.
+    return tiny_model(
+        "llama", num_layers=4, intermediate_size=128, vocab_size=200, weight_scale=1.0
     )
-    m = llama.Model(args)
-    mx.eval(m.parameters())
-    return m
 
 
 IDS = [1, 17, 42, 99, 3, 150, 7, 8, 120, 64, 5]

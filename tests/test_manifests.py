@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import yaml
@@ -59,6 +60,31 @@ def test_manifest_schema_is_strict(fake_world):
     write_manifest("abc")
     with pytest.raises(ModelError, match="sha256"):
         manifests.get_manifest("tiny")
+    write_manifest("abc", colour="blue")  # every problem, on one line
+    with pytest.raises(ModelError) as error:
+        manifests.get_manifest("tiny")
+    message = str(error.value)
+    assert message.startswith("Invalid model manifest tiny.yaml: ") and "\n" not in message
+    assert "unknown key 'colour'" in message and "sha256" in message
+
+
+def test_manifest_rows_are_json_with_cached(fake_world, monkeypatch):
+    write_manifest, sha, home = fake_world
+    write_manifest(sha)
+    rows = manifests.manifest_rows()
+    assert json.loads(json.dumps(rows)) == rows
+    assert [(r["name"], r["cached"]) for r in rows] == [("tiny", False)]
+    assert rows[0]["sources"][0]["kind"] == "pypi_wheel"
+    manifests.pull("tiny", dtype="float32")
+    assert manifests.manifest_rows()[0]["cached"] is True
+    info = manifests.model_info(home / "models" / "tiny" / "float32")
+    assert json.loads(json.dumps(info)) == info
+
+    def broken(name):
+        raise OSError("unreadable cache")
+
+    monkeypatch.setattr(manifests, "model_info", broken)  # a broken cache hides nothing
+    assert [(r["name"], r["cached"]) for r in manifests.manifest_rows()] == [("tiny", False)]
 
 
 def test_pull_converts_into_the_cache(fake_world):

@@ -18,25 +18,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 import layerdecode
 from layerdecode import registry
-from layerdecode.adapters import Adapter
 from layerdecode.config import read_preset
 from layerdecode.errors import ConfigError
 from layerdecode.registry import get_strategy, list_strategies, register_strategy
-from layerdecode.strategy import ModelFacts
-from layerdecode.taps import Capture
-from layerdecode.view import LayerView
 
-from .tiny_models import tiny_model
+# test_docs.py takes its tokenizer from here.
+from layerdecode.testing import select_on, tiny_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "examples" / "layerdecode-min-entropy"
 SOURCE = EXAMPLE / "src" / "layerdecode_min_entropy" / "__init__.py"
+EXAMPLE_TESTS = EXAMPLE / "tests" / "test_min_entropy.py"
 PRESET = EXAMPLE / "min-entropy-4.yaml"
 MODULE = "layerdecode_min_entropy"
 
@@ -59,11 +56,7 @@ def plugin_module():
     return module
 
 
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.reset_strategy_registry()
-    yield
-    registry.reset_strategy_registry()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 @pytest.fixture
@@ -73,69 +66,6 @@ def min_entropy():
     # Registering the class its entry point already registered is a no-op, not a clash.
     register_strategy("min-entropy")(cls)
     return cls
-
-
-# -- tiny tokenizer and model ---------------------------------------------------------------
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
-
-
-def tiny_tokenizer(vocab_size: int = 211):
-    """A word-level tokenizer over ``vocab_size`` made-up words, wrapped as mlx-lm wraps one."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "<user>", "<assistant>"]
-    words += [f"w{i}" for i in range(len(words), vocab_size)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return TokenizerWrapper(fast)
-
-
-def save_tiny_model(path: Path) -> Path:
-    """The 6-layer tiny llama and its tokenizer, saved as an mlx-lm model directory."""
-    from mlx_lm.utils import save_config, save_model
-
-    model = tiny_model("llama")
-    path.mkdir(parents=True, exist_ok=True)
-    tiny_tokenizer()._tokenizer.save_pretrained(path)
-    save_model(path, model)
-    config = {k: v for k, v in vars(model.args).items() if v is not None}
-    config["max_position_embeddings"] = 512
-    save_config(config, path / "config.json")
-    return path
-
-
-# -- a LayerView over plain logits (as in test_strategies.py) -------------------------------
-
-
-def select_on(strategy, layer_logits: np.ndarray):
-    """Apply ``strategy`` to per-layer logits ``(layers, batch, vocab)``; identity head."""
-    num_layers = layer_logits.shape[0]
-    strategy.prepare(ModelFacts(num_layers, True, "test"))
-    adapter = Adapter(
-        model_type="test",
-        layers=[None] * num_layers,
-        norm=lambda h: h,
-        head=lambda h: h,
-        transform=None,
-        tied_embeddings=True,
-    )
-    capture = Capture(num_layers)
-    capture.outputs = [mx.array(layer_logits[i][:, None, :]) for i in range(num_layers)]
-    view = LayerView(adapter, capture, mx.array(layer_logits[-1]), strategy.exits())
-    decision = strategy.select(view)
-    mx.eval(decision.logits, decision.layers, decision.entropy)
-    return decision
 
 
 def np_entropy(x: np.ndarray) -> np.ndarray:
@@ -186,9 +116,9 @@ def test_selects_global_minimum_like_numpy(min_entropy, window):
 
 
 # Mirrors plugins.md, step 3 (the in-process block: register_strategy, then generate).
-def test_register_in_process_and_generate(min_entropy):
+def test_register_in_process_and_generate(min_entropy, tiny_llama):
     assert "min-entropy" in list_strategies()
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model, tokenizer = tiny_llama
     num_layers = len(model.model.layers)
     result = layerdecode.generate(
         model,
@@ -215,14 +145,14 @@ def test_register_in_process_and_generate(min_entropy):
 
 
 # Mirrors plugins.md, step 5 (the preset block).
-def test_preset_file_is_valid_and_usable(min_entropy):
+def test_preset_file_is_valid_and_usable(min_entropy, tiny_llama):
     preset = read_preset(PRESET)
     assert (preset.name, preset.strategy, preset.params) == (
         "min-entropy-4",
         "min-entropy",
         {"window": 4},
     )
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model, tokenizer = tiny_llama
     result = layerdecode.generate(model, tokenizer, [5, 17, 42], strategy=str(PRESET), max_tokens=6)
     assert result.strategy["params"] == {"window": 4}
 
@@ -264,10 +194,10 @@ def test_cli_lists_plugin():
 
 # Mirrors plugins.md, step 5 (the generate-with-the-preset command block).
 @needs_install
-def test_cli_generates_with_preset(tmp_path):
+def test_cli_generates_with_preset(tiny_model_dir):
     if importlib.util.find_spec("layerdecode.loading") is None:
         pytest.skip("layerdecode.loading is not available, so the CLI cannot load a model")
-    model_dir = save_tiny_model(tmp_path / "tiny")
+    model_dir = tiny_model_dir
     done = _run(
         [
             "generate",
@@ -288,3 +218,20 @@ def test_cli_generates_with_preset(tmp_path):
     assert data["strategy"]["name"] == "min-entropy"
     assert data["strategy"]["preset"] == "min-entropy-4"
     assert all(layer >= data["num_layers"] - 4 for layer in data["layers"])
+
+
+# Mirrors plugins.md, "Testing a strategy" (the example's own tests, on its source).
+def test_example_package_tests_pass():
+    # A fresh interpreter with the example's src/ first on the path, so the tests import the
+    # source as it is now, not a copy installed earlier.
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE_TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=EXAMPLE,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout and "skipped" not in done.stdout

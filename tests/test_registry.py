@@ -17,12 +17,8 @@ from layerdecode.registry import (
 )
 from layerdecode.strategy import Strategy
 
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.reset_strategy_registry()
-    yield
-    registry.reset_strategy_registry()
+# Each test starts from, and leaves behind, a registry that knows only the entry points.
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 class PluginStrategy(Strategy):

@@ -1,23 +1,20 @@
 """Every built-in strategy against an independent numpy reference on small random logits.
 
-The view is built over an identity "head", so each layer's hidden state *is* its logits and
-the references below work on plain numpy arrays.
+``layerdecode.testing.select_on`` builds the view over an identity "head", so each layer's
+hidden state *is* its logits and the references below work on plain numpy arrays.
 """
 
 from __future__ import annotations
 
 import math
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from layerdecode.adapters import Adapter
 from layerdecode.errors import ConfigError
 from layerdecode.registry import get_strategy
 from layerdecode.strategy import ModelFacts
-from layerdecode.taps import Capture
-from layerdecode.view import LayerView
+from layerdecode.testing import select_on
 
 CONFIDENT_METHODS = [
     "trough",
@@ -30,33 +27,6 @@ CONFIDENT_METHODS = [
     "last-m4",
     "last-m8",
 ]
-
-
-def identity_adapter(num_layers: int, *, norm=lambda h: h) -> Adapter:
-    return Adapter(
-        model_type="test",
-        layers=[None] * num_layers,
-        norm=norm,
-        head=lambda h: h,
-        transform=None,
-        tied_embeddings=True,
-    )
-
-
-def run(strategy, layer_logits: np.ndarray, embeddings: np.ndarray | None = None, **facts):
-    """Apply ``strategy`` to per-layer logits ``(layers, batch, vocab)``."""
-    num_layers = layer_logits.shape[0]
-    strategy.prepare(ModelFacts(num_layers, facts.get("tied", True), "test"))
-    capture = Capture(num_layers)
-    capture.outputs = [mx.array(layer_logits[i][:, None, :]) for i in range(num_layers)]
-    if embeddings is not None:
-        capture.embeddings = mx.array(embeddings[:, None, :])
-    view = LayerView(
-        identity_adapter(num_layers), capture, mx.array(layer_logits[-1]), strategy.exits()
-    )
-    decision = strategy.select(view)
-    mx.eval(decision.logits, decision.layers, decision.entropy, *decision.extras.values())
-    return decision
 
 
 def np_log_softmax(x):
@@ -103,7 +73,7 @@ def test_confident_matches_reference(method, window):
     # Random temperatures per layer and row give varied entropy profiles.
     layer_logits = rng.normal(size=(12, 16, 40)) * rng.uniform(0.2, 4.0, size=(12, 16, 1))
     layer_logits = layer_logits.astype(np.float32)
-    decision = run(get_strategy("confident", window=window, method=method), layer_logits)
+    decision = select_on(get_strategy("confident", window=window, method=method), layer_logits)
     expected = confident_reference(layer_logits, window, method)
     np.testing.assert_array_equal(np.array(decision.layers), expected)
     rows = np.arange(layer_logits.shape[1])
@@ -136,26 +106,27 @@ def test_confident_rows_choose_different_layers():
         profile_logits([-9, 5, 5, 5, 6, 1, 2, 3]),
     ]
     layer_logits = np.stack(rows, axis=1)  # (layers, batch, vocab)
-    decision = run(get_strategy("confident", window=8), layer_logits)
+    decision = select_on(get_strategy("confident", window=8), layer_logits)
     assert np.array(decision.layers).tolist() == [3, 7, 5]
 
 
 def test_confident_ties_stop_the_walk():
     # Equal entropy is not a strict decrease: the walk stops at the final layer.
     layer_logits = np.stack([profile_logits([2, 2, 2, 2])], axis=1)
-    decision = run(get_strategy("confident", window=4), layer_logits)
+    decision = select_on(get_strategy("confident", window=4), layer_logits)
     assert np.array(decision.layers).tolist() == [3]
     # A tie further down stops the walk there.
     layer_logits = np.stack([profile_logits([0, 1, 1, 2])], axis=1)
-    decision = run(get_strategy("confident", window=4), layer_logits)
+    decision = select_on(get_strategy("confident", window=4), layer_logits)
     assert np.array(decision.layers).tolist() == [2]
 
 
 def test_confident_window_larger_than_model_and_ratio():
     layer_logits = np.stack([profile_logits([0, 1, 2, 3, 4])], axis=1)
-    assert np.array(run(get_strategy("confident", window=100), layer_logits).layers).tolist() == [0]
+    decision = select_on(get_strategy("confident", window=100), layer_logits)
+    assert np.array(decision.layers).tolist() == [0]
     # ratio 0.4 of 5 layers -> ceil(2) candidates: layers 3 and 4.
-    decision = run(get_strategy("confident", window_ratio=0.4), layer_logits)
+    decision = select_on(get_strategy("confident", window_ratio=0.4), layer_logits)
     assert np.array(decision.layers).tolist() == [3]
 
 
@@ -164,10 +135,10 @@ def test_confident_p0_is_final_and_p1_is_selected():
     layer_logits = (rng.normal(size=(10, 64, 30)) * rng.uniform(0.2, 4, (10, 64, 1))).astype(
         np.float32
     )
-    final = run(get_strategy("confident", window=10, p=0.0), layer_logits)
+    final = select_on(get_strategy("confident", window=10, p=0.0), layer_logits)
     assert np.array(final.layers).tolist() == [9] * 64
     np.testing.assert_array_equal(np.array(final.logits), layer_logits[-1])
-    selected = run(get_strategy("confident", window=10, p=1.0), layer_logits)
+    selected = select_on(get_strategy("confident", window=10, p=1.0), layer_logits)
     expected = confident_reference(layer_logits, 10, "trough")
     np.testing.assert_array_equal(np.array(selected.layers), expected)
     assert (expected != 9).any()
@@ -180,9 +151,9 @@ def test_confident_p_mixing_is_seeded_and_per_row():
     )
     selected = confident_reference(layer_logits, 6, "trough")
     movable = selected != 5
-    a = np.array(run(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
-    b = np.array(run(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
-    c = np.array(run(get_strategy("confident", window=6, p=0.3, seed=8), layer_logits).layers)
+    a = np.array(select_on(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
+    b = np.array(select_on(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
+    c = np.array(select_on(get_strategy("confident", window=6, p=0.3, seed=8), layer_logits).layers)
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     # Each row is either its selected layer or the final one...
@@ -219,7 +190,7 @@ def test_confident_rejects_bad_params(params, message):
 def test_fixed_layer(layer, expected):
     rng = np.random.default_rng(layer + 10)
     layer_logits = rng.normal(size=(8, 3, 20)).astype(np.float32)
-    decision = run(get_strategy("fixed", layer=layer), layer_logits)
+    decision = select_on(get_strategy("fixed", layer=layer), layer_logits)
     assert np.array(decision.layers).tolist() == [expected] * 3
     np.testing.assert_array_equal(np.array(decision.logits), layer_logits[expected])
     np.testing.assert_allclose(
@@ -237,7 +208,7 @@ def test_fixed_out_of_range(layer):
 def test_final_is_the_models_output():
     rng = np.random.default_rng(3)
     layer_logits = rng.normal(size=(5, 2, 20)).astype(np.float32)
-    decision = run(get_strategy("final"), layer_logits)
+    decision = select_on(get_strategy("final"), layer_logits)
     np.testing.assert_array_equal(np.array(decision.logits), layer_logits[-1])
     assert np.array(decision.layers).tolist() == [4, 4]
     with pytest.raises(ConfigError, match="unknown parameter 'layer'"):
@@ -304,7 +275,7 @@ def test_dola_matches_reference(premature_norm):
     embeddings = rng.normal(size=(batch, vocab)).astype(np.float32)
     hf_layers = [0, 2, 5, 7]
     strategy = get_strategy("dola", layers=hf_layers, premature_norm=premature_norm)
-    decision = run(strategy, layer_logits, embeddings)
+    decision = select_on(strategy, layer_logits, embeddings=embeddings)
     # HF index i -> hidden state of decoder layer i-1; 0 -> the embedding output.
     hidden = [embeddings] + [layer_logits[i] for i in range(n)]
     for row in range(batch):
@@ -326,14 +297,14 @@ def test_dola_rows_pick_their_own_premature_layer():
     layers = np.repeat(final[None], 5, axis=0).copy()
     layers[1, 0] = np.linspace(5, -5, vocab)
     layers[3, 1] = np.linspace(-5, 5, vocab)
-    decision = run(get_strategy("dola", layers=[2, 4]), layers)
+    decision = select_on(get_strategy("dola", layers=[2, 4]), layers)
     assert np.array(decision.extras["premature_layer"]).tolist() == [1, 3]
 
 
 def test_dola_single_layer_skips_selection():
     rng = np.random.default_rng(9)
     layer_logits = rng.normal(size=(4, 2, 16)).astype(np.float32)
-    decision = run(get_strategy("dola", layers=[2]), layer_logits)
+    decision = select_on(get_strategy("dola", layers=[2]), layer_logits)
     for row in range(2):
         expected, _ = dola_reference(layer_logits[-1, row], [layer_logits[1, row]])
         got = np.array(decision.logits[row])

@@ -13,20 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
+from ..prompts import build_prompt
 from .records import EvalRecord, ResultsStore, RunConfig, StrategySpec, file_sha256
 from .stats import Summary, summarize
 from .tasks import Item, Task, get_task
-
-GENERATION_KEYS = (
-    "max_tokens",
-    "temp",
-    "top_p",
-    "min_p",
-    "top_k",
-    "repetition_penalty",
-    "repetition_context_size",
-    "seed",
-)
 
 
 @dataclass
@@ -37,7 +28,7 @@ class EvalPlan:
     task: Task
     items: list[Item]
     strategies: dict[str, Any]  # name as given -> ResolvedStrategy
-    generation: dict[str, Any]
+    options: GenerationOptions
     chat: bool
 
 
@@ -51,28 +42,32 @@ def plan_eval(
     offset: int = 0,
     limit: int | None = None,
     chat: bool = True,
-    max_tokens: int = 256,
+    max_tokens: int | None = None,
+    options: GenerationOptions | dict[str, Any] | None = None,
     **generation: Any,
 ) -> EvalPlan:
-    """Validate the task, data, strategies and options; nothing is generated yet."""
+    """Validate the task, data, strategies and options; nothing is generated yet.
+
+    ``options`` (or keyword ``generation`` options) are the generation options of every
+    strategy, over each preset's own defaults; ``max_tokens`` defaults to 256.
+    """
     from ..config import resolve_strategy
 
     if not strategies:
         raise ConfigError("Give at least one strategy (the first one is the baseline).")
     if len(set(strategies)) != len(strategies):
         raise ConfigError(f"Strategies must be distinct, got {', '.join(strategies)}.")
-    if max_tokens <= 0:
-        raise ConfigError(f"max_tokens must be positive, got {max_tokens}.")
     if offset < 0 or (limit is not None and limit < 1):
         raise ConfigError("offset must be >= 0 and limit >= 1.")
-    unknown = set(generation) - set(GENERATION_KEYS)
-    if unknown:
-        raise ConfigError(f"Unknown generation options: {', '.join(sorted(unknown))}.")
+    chosen = GenerationOptions.build(options, max_tokens=max_tokens, **generation)
+    if chosen.max_tokens is None:
+        chosen = GenerationOptions.build(chosen, max_tokens=DEFAULT_MAX_TOKENS)
+    if chosen.max_tokens < 1:
+        raise ConfigError(f"max_tokens must be positive, got {chosen.max_tokens}.")
     task_obj = get_task(task, **(task_options or {}))
     items = task_obj.load(data, offset=offset, limit=limit)
     resolved = {spec: resolve_strategy(spec) for spec in strategies}
-    gen = {"max_tokens": max_tokens, "chat": chat}
-    gen.update({k: v for k, v in generation.items() if v is not None})
+    gen = {**chosen.set_values(), "chat": chat}
     config = RunConfig(
         model=model,
         task=task,
@@ -83,10 +78,7 @@ def plan_eval(
                 params={
                     "strategy": r.strategy.name,
                     **r.strategy.resolved_params(),
-                    **{
-                        f"generation.{k}": v
-                        for k, v in r.generation.model_dump(exclude_none=True).items()
-                    },
+                    **{f"generation.{k}": v for k, v in r.generation.set_values().items()},
                 },
             )
             for spec, r in resolved.items()
@@ -97,13 +89,11 @@ def plan_eval(
         offset=offset,
         limit=limit,
     )
-    return EvalPlan(config, task_obj, items, resolved, gen, chat)
+    return EvalPlan(config, task_obj, items, resolved, chosen, chat)
 
 
 def _prompt_ids(tokenizer, item: Item, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True))
-    return list(tokenizer.encode(item.prompt_text))
+    return build_prompt(tokenizer, item.prompt if chat else item.prompt_text, chat=chat)
 
 
 def run_eval(
@@ -125,7 +115,6 @@ def run_eval(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     task = plan.task
-    gen = {k: v for k, v in plan.generation.items() if k != "chat"}
     with ResultsStore.open(out, plan.config, resume=resume) as store:
         total = len(plan.items) * len(plan.strategies)
         done = sum(store.is_done(item.id, name) for item in plan.items for name in plan.strategies)
@@ -176,7 +165,7 @@ def run_eval(
                     strategy=resolved,
                     batch_size=batch_size,
                     on_result=record,
-                    **gen,
+                    options=plan.options,
                 )
         summary = summarize(store.records, plan.config.strategy_names)
     return summary, store
@@ -197,7 +186,8 @@ def evaluate(
     offset: int = 0,
     limit: int | None = None,
     chat: bool = True,
-    max_tokens: int = 256,
+    max_tokens: int | None = None,
+    options: GenerationOptions | dict[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     **generation: Any,
 ) -> Summary:
@@ -208,10 +198,10 @@ def evaluate(
     (item, strategy) as each finishes; ``resume=True`` continues it. Its configuration names
     the model by ``model_name`` (default: the name or path given, else the architecture),
     so give distinct names to tell loaded models apart on resume. ``task_options`` are the
-    task's options (``shots``, ``exemplars``, ``system_prompt``, ...); ``generation`` takes
-    ``temp``, ``top_p``, ``min_p``, ``top_k``, ``repetition_penalty``,
-    ``repetition_context_size`` and ``seed``. Greedy by default. Everything is checked
-    before the model is loaded.
+    task's options (``shots``, ``exemplars``, ``system_prompt``, ...). ``options`` (a
+    :class:`~layerdecode.options.GenerationOptions`) or keyword generation options
+    (``temp``, ``top_p``, ``seed``, ``stop``, ...) apply to every strategy; greedy, at
+    most 256 new tokens by default. Everything is checked before the model is loaded.
     """
     by_name = isinstance(model, (str, Path))
     if by_name:
@@ -233,6 +223,7 @@ def evaluate(
         limit=limit,
         chat=chat,
         max_tokens=max_tokens,
+        options=options,
         **generation,
     )
     if by_name:

@@ -1,15 +1,18 @@
 """Statistics over evaluation records: accuracy with Wilson intervals, paired exact McNemar
 tests against the first (baseline) strategy, speed, time spent, layer use and token-cap hits,
-and the items where strategies disagree; rich tables and a matplotlib figure of the same."""
+and the items where strategies disagree.
+
+Data only: the tables are in ``layerdecode.render``, the figure in ``layerdecode.plots``."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from pathlib import Path
+from importlib import import_module
 from typing import Any
 
 from layerdecode.eval.records import EvalRecord
@@ -23,13 +26,9 @@ __all__ = [
     "Answer",
     "Disagreement",
     "busy_seconds",
-    "format_duration",
     "complete_items",
     "summarize",
     "disagreements",
-    "render_summary",
-    "render_disagreements",
-    "plot_summary",
 ]
 
 Z_95 = 1.959963984540054
@@ -294,182 +293,15 @@ def disagreements(records: Iterable[EvalRecord], strategies: Sequence[str]) -> l
     return found
 
 
-def _percent(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
+# Tables and the figure moved out; the old names keep working, with a warning.
+_MOVED = dict.fromkeys(("format_duration", "render_summary", "render_disagreements"), "render")
+_MOVED |= dict.fromkeys(("plot_summary", "figure_size", "FIGURE_WIDTH_IN", "FIGURE_DPI"), "plots")
 
 
-def _number(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_duration(seconds: float | None) -> str:
-    """``1h 02m``, ``3m 07s`` or ``12.5s``; ``-`` for None."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
-
-
-def render_summary(summary: Summary, *, title: str | None = None):
-    """A ``rich.table.Table`` with one row per strategy (print it with a rich Console)."""
-    from rich.table import Table
-
-    caption = (
-        f"won/lost/tied, McNemar p and changed (items whose extracted answer differs) are "
-        f"paired against {summary.baseline}; time: spent generating; non-final: tokens decoded "
-        "below the final layer; depth: mean layers below it; cap: generations that hit the "
-        "token limit, usually repetition loops; right, no cap: right answers whose generation "
-        "ended before the cap."
-    )
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    for column, justify in [
-        ("strategy", "left"),
-        ("n", "right"),
-        ("accuracy (95% CI)", "right"),
-        ("right, no cap", "right"),
-        ("won/lost/tied", "right"),
-        ("McNemar p", "right"),
-        ("changed", "right"),
-        ("tokens", "right"),
-        ("tok/s", "right"),
-        ("time", "right"),
-        ("non-final", "right"),
-        ("depth", "right"),
-        ("cap", "right"),
-    ]:
-        table.add_column(column, justify=justify, no_wrap=column == "accuracy (95% CI)")
-    comparisons = {c.strategy: c for c in summary.comparisons}
-    for s in summary.strategies:
-        accuracy = (
-            "-"
-            if s.accuracy is None
-            else f"{_percent(s.accuracy)} ({_percent(s.ci_low)}-{_percent(s.ci_high)})"
-        )
-        c = comparisons.get(s.name)
-        paired = f"{c.wins}/{c.losses}/{c.ties_correct + c.ties_wrong}" if c else "baseline"
-        table.add_row(
-            s.name,
-            str(s.n),
-            accuracy,
-            str(s.correct_without_cap),
-            paired,
-            f"{c.p_value:.3g}" if c else "",
-            f"{c.answers_differ}" if c else "",
-            _number(s.mean_tokens, 0),
-            _number(s.mean_tokens_per_sec),
-            format_duration(s.busy_seconds),
-            _percent(s.share_non_final),
-            _number(s.mean_depth_below_final, 2),
-            f"{s.hit_token_limit} ({_percent(s.hit_token_limit_share, 0)})",
-        )
-    return table
-
-
-def render_disagreements(
-    items: Sequence[Disagreement], strategies: Sequence[str], *, limit: int | None = None
-):
-    """A ``rich.table.Table`` of items where strategies disagree: each strategy's extracted
-    answer, marked right or wrong, and ``cap`` where it hit the token limit."""
-    from rich.table import Table
-
-    shown = list(items if limit is None else items[:limit])
-    more = len(items) - len(shown)
-    title = f"{len(items)} items where the strategies disagree" + (
-        f" (first {len(shown)} shown)" if more else ""
-    )
-    table = Table(title=title, title_justify="left")
-    table.add_column("item")
-    table.add_column("gold", justify="right")
-    for name in strategies:
-        table.add_column(name, justify="right")
-    for item in shown:
-        cells = []
-        for answer in item.answers:
-            mark = "right" if answer.correct else "wrong"
-            cap = ", cap" if answer.hit_token_limit else ""
-            value = "-" if answer.extracted is None else answer.extracted
-            cells.append(f"{value} ({mark}{cap})")
-        table.add_row(item.item_id, item.gold, *cells)
-    return table
-
-
-FIGURE_WIDTH_IN = 11.0
-FIGURE_DPI = 100
-
-
-def figure_size(n_strategies: int) -> tuple[float, float]:
-    """Figure size in inches for ``n_strategies`` (height grows with the histogram rows)."""
-    return FIGURE_WIDTH_IN, max(4.0, 1.8 * max(n_strategies, 1) + 0.8)
-
-
-def plot_summary(summary: Summary, path: str | Path, *, title: str | None = None) -> Path:
-    """Save a PNG: accuracy with 95% intervals per strategy (left) and, per strategy, the
-    share of tokens decoded from each layer (right). Returns the path written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    strategies = summary.strategies
-    rows = max(len(strategies), 1)
-    figure = Figure(figsize=figure_size(len(strategies)), dpi=FIGURE_DPI, layout="constrained")
-    grid = figure.add_gridspec(rows, 2, width_ratios=[1, 1.6])
-    if title:
-        figure.suptitle(title)
-
-    accuracy = figure.add_subplot(grid[:, 0])
-    names = [s.name for s in strategies]
-    values = [100 * (s.accuracy or 0.0) for s in strategies]
-    errors = [
-        [100 * ((s.accuracy or 0) - (s.ci_low or 0)) for s in strategies],
-        [100 * ((s.ci_high or 0) - (s.accuracy or 0)) for s in strategies],
-    ]
-    colours = [f"C{i}" for i in range(len(strategies))]
-    bars = accuracy.bar(names, values, yerr=errors, capsize=6, color=colours, alpha=0.85)
-    # Zoom in on low accuracies (small models), with room for the labels above the whiskers.
-    top = max([100 * (s.ci_high or 0) for s in strategies] + [1.0])
-    limit = min(100.0, top * 1.3 + 2)
-    for bar, s in zip(bars, strategies, strict=True):
-        label = "n=0" if s.accuracy is None else f"{100 * s.accuracy:.1f}%\nn={s.n}"
-        accuracy.annotate(
-            label,
-            (bar.get_x() + bar.get_width() / 2, 100 * (s.ci_high or 0)),
-            xytext=(0, 4),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=9,
-        )
-    accuracy.set_ylim(0, limit)
-    accuracy.set_ylabel("accuracy (%) with 95% Wilson interval")
-    accuracy.set_title("Accuracy")
-    accuracy.tick_params(axis="x", labelrotation=20)
-
-    final = max((s.final_layer for s in strategies if s.final_layer is not None), default=0)
-    first = None
-    for row, s in enumerate(strategies):
-        axis = figure.add_subplot(grid[row, 1], sharex=first)
-        first = first or axis
-        total = sum(s.layer_histogram.values())
-        layers = list(range(final + 1))
-        shares = [100 * s.layer_histogram.get(layer, 0) / total if total else 0 for layer in layers]
-        axis.bar(layers, shares, width=0.85, color=f"C{row}")
-        axis.set_xlim(-0.6, final + 0.6)
-        axis.set_ylim(0, 100)
-        axis.set_ylabel("% of tokens")
-        share = "-" if s.share_non_final is None else f"{100 * s.share_non_final:.1f}%"
-        axis.set_title(f"{s.name}: {share} of tokens from a non-final layer", loc="left")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if row == len(strategies) - 1:
-            axis.set_xlabel(f"layer each token was decoded from (final = {final})")
-        else:
-            axis.tick_params(labelbottom=False)
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+def __getattr__(name: str) -> Any:
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new = f"layerdecode.{home}"
+    warnings.warn(f"{__name__}.{name} moved to {new}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(import_module(new), name)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 from pydantic import Field
 
-from layerdecode import Decision, Exit, LayerView, ModelFacts, Strategy, StrategyParams
-from layerdecode.view import entropy_of
+from layerdecode import Decision, Exit, LayerView, ModelFacts, Strategy, StrategyParams, entropy_of
 
 
 class MinEntropyParams(StrategyParams):
