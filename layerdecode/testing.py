@@ -470,7 +470,7 @@ def check_final_matches_mlx_lm(
 
 @contextmanager
 def fresh_registry() -> Iterator[None]:
-    """Run the ``with`` block on an empty strategy registry, and forget its registrations.
+    """Run the ``with`` block on fresh strategy and preset registries; forget what it registers.
 
     Entry points (the built-in strategies, installed plugins) are discovered again on first
     use inside the block and after it, so a test can register strategies without leaking them.
@@ -483,10 +483,12 @@ def fresh_registry() -> Iterator[None]:
         assert "mine" not in list_strategies()
         ```
     """
-    from . import registry
+    from . import config, registry
 
     registry.reset_strategy_registry()
+    config.reset_preset_registry()
     try:
         yield
     finally:
         registry.reset_strategy_registry()
+        config.reset_preset_registry()

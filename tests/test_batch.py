@@ -11,8 +11,7 @@ from layerdecode.batch import batch_generate_step
 from layerdecode.errors import ConfigError, LayerdecodeError
 from layerdecode.generation import generate_step
 from layerdecode.registry import get_strategy
-
-from .tiny_models import tiny_model
+from layerdecode.testing import tiny_model
 
 STRATEGIES = [
     ("final", {}),

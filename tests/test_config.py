@@ -68,3 +68,82 @@ def test_unknown_spec_lists_strategies_and_presets():
 def test_missing_preset_file():
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_strategy("nowhere/mine.yaml")
+
+
+# -- one clash policy for strategies and presets -------------------------------------------
+
+
+def test_shipped_presets_that_shadow_their_strategy_say_so():
+    from layerdecode.config import describe_strategies
+
+    rows = {(r["name"], r["kind"]): r for r in describe_strategies()}
+    for name in ("final", "confident", "dola"):
+        assert rows[(name, "preset")]["shadows"] is True
+        assert rows[(name, "built-in")]["shadows"] is False
+    assert rows[("dola-low", "preset")]["shadows"] is False
+    # The name means the preset; the bare strategy is one call away.
+    from layerdecode.registry import get_strategy
+
+    assert resolve_strategy("dola").preset.name == "dola"
+    assert get_strategy("dola").params == resolve_strategy("dola").strategy.params
+
+
+def test_plugin_strategy_named_like_a_preset_is_an_error(fresh_registry):
+    from layerdecode.registry import register_strategy
+    from layerdecode.strategies.final import FinalStrategy
+
+    class Mine(FinalStrategy):
+        name = "confident-half"
+
+    register_strategy("confident-half")(Mine)
+    with pytest.raises(ConfigError) as err:
+        resolve_strategy("confident-half")
+    message = str(err.value)
+    assert "'confident-half' is claimed twice" in message
+    assert "Mine" in message and "confident-half.yaml" in message
+
+
+def test_preset_named_like_a_strategy_must_declare_it(tmp_path, monkeypatch, fresh_registry):
+    import layerdecode.config as config
+
+    folder = tmp_path / "strategies"
+    folder.mkdir()
+    (folder / "fixed.yaml").write_text("name: fixed\nstrategy: fixed\nparams: {layer: 1}\n")
+    monkeypatch.setattr(config, "data_dir", lambda kind: folder)
+    config.reset_preset_registry()
+    with pytest.raises(ConfigError, match="'fixed' is claimed twice: by strategy .*fixed.yaml"):
+        resolve_strategy("final")
+    (folder / "fixed.yaml").write_text(
+        "name: fixed\nstrategy: fixed\nshadows_strategy: true\nparams: {layer: 1}\n"
+    )
+    config.reset_preset_registry()
+    assert resolve_strategy("fixed").strategy.params.layer == 1
+
+
+def test_shadowing_is_only_for_the_strategys_own_name(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: mine\nstrategy: fixed\nshadows_strategy: true\n")
+    with pytest.raises(ConfigError, match="shadows_strategy is for a preset named like its own"):
+        read_preset(path)
+
+
+def test_describe_strategy_of_preset_and_strategy():
+    from layerdecode.config import describe_strategy
+
+    dola = describe_strategy("dola")
+    assert dola["strategy"] == "dola" and dola["preset"]["generation"] == {
+        "repetition_penalty": 1.2
+    }
+    assert {row["name"] for row in dola["params"]} >= {"layers"}
+    fixed = describe_strategy("fixed")
+    assert "preset" not in fixed and fixed["params"][0]["name"] == "layer"
+    with pytest.raises(ConfigError, match="Did you mean 'confident'"):
+        describe_strategy("confidnt")
+
+
+def test_generation_defaults_shim_warns():
+    from layerdecode.options import GenerationOptions
+
+    with pytest.warns(DeprecationWarning, match="GenerationOptions"):
+        from layerdecode.config import GenerationDefaults
+    assert GenerationDefaults is GenerationOptions

@@ -7,14 +7,14 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from layerdecode.config import GenerationDefaults
 from layerdecode.errors import ConfigError
-from layerdecode.generation import generate_step, make_generation_options
+from layerdecode.generation import generate_step
+from layerdecode.options import GenerationOptions
 from layerdecode.registry import get_strategy
 from layerdecode.strategy import Decision, Strategy, StrategyParams
+from layerdecode.testing import TINY_ARCHITECTURES as ARCHS
+from layerdecode.testing import tiny_model
 from layerdecode.view import Exit
-
-from .tiny_models import ARCHS, tiny_model
 
 PROMPT = mx.array([3, 17, 42, 8, 99, 5, 23, 61, 7, 7, 12], dtype=mx.uint32)
 
@@ -117,8 +117,6 @@ def test_empty_prompt_is_refused():
 )
 def test_bad_generation_options(option, value):
     kwargs = dict(
-        sampler=None,
-        logits_processors=None,
         temp=None,
         top_p=None,
         min_p=None,
@@ -128,4 +126,9 @@ def test_bad_generation_options(option, value):
     )
     kwargs[option] = value
     with pytest.raises(ConfigError, match=f"Invalid generation option {option}="):
-        make_generation_options(GenerationDefaults(), **kwargs)
+        GenerationOptions.build(**kwargs)
+    # The old builder still answers, with a deprecation warning.
+    with pytest.warns(DeprecationWarning, match="make_generation_options"):
+        from layerdecode.generation import make_generation_options
+    with pytest.raises(ConfigError, match=f"Invalid generation option {option}="):
+        make_generation_options(GenerationOptions(), sampler=None, **kwargs)

@@ -8,8 +8,7 @@ import pytest
 
 from layerdecode import lens
 from layerdecode.errors import ConfigError
-
-from .tiny_models import tiny_model
+from layerdecode.testing import tiny_model
 
 
 class _Tokenizer:
