@@ -383,27 +383,14 @@ def generate(
     *,
     strategy: str | Strategy | ResolvedStrategy | None = "final",
     params: dict[str, Any] | None = None,
-    options: GenerationOptions | dict[str, Any] | None = None,
-    sampler: Sampler | None = None,
-    logits_processors: Sequence[LogitsProcessor] | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
-    """Generate a whole response; see :func:`stream_generate` for the options."""
-    resolved, chosen, step_kwargs = resolve_call(strategy, params, options, kwargs)
+    """Generate a whole response; takes every argument of :func:`stream_generate`."""
+    resolved = resolve_strategy(strategy, params)
     tokenizer = _wrap(tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt)
     collector = ResultCollector(prompt_ids.tolist(), resolved)
-    responses = stream_resolved(
-        model,
-        tokenizer,
-        prompt_ids,
-        resolved,
-        chosen,
-        sampler=sampler,
-        logits_processors=logits_processors,
-        **step_kwargs,
-    )
-    for response in responses:
+    for response in stream_generate(model, tokenizer, prompt_ids, strategy=resolved, **kwargs):
         collector.add(response)
     return collector.result()
 

@@ -7,26 +7,20 @@ hidden state *is* its logits and the references below work on plain numpy arrays
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import pytest
 
 from layerdecode.errors import ConfigError
 from layerdecode.registry import get_strategy
+from layerdecode.strategies.confident import Method
 from layerdecode.strategy import ModelFacts
 from layerdecode.testing import select_on
 
-CONFIDENT_METHODS = [
-    "trough",
-    "trough-m1",
-    "trough-m2",
-    "trough-p1",
-    "trough-p2",
-    "last-m1",
-    "last-m2",
-    "last-m4",
-    "last-m8",
-]
+# Every method the params accept; each is checked against the loop reference below.
+CONFIDENT_METHODS = list(typing.get_args(Method))
+assert len(CONFIDENT_METHODS) == 9
 
 
 def np_log_softmax(x):

@@ -182,14 +182,8 @@ def evaluate(
     model_name: str | None = None,
     resume: bool = False,
     batch_size: int = 8,
-    task_options: dict[str, Any] | None = None,
-    offset: int = 0,
-    limit: int | None = None,
-    chat: bool = True,
-    max_tokens: int | None = None,
-    options: GenerationOptions | dict[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
-    **generation: Any,
+    **plan_options: Any,
 ) -> Summary:
     """Run ``strategies`` on a task's data file, like ``layerdecode eval``; return the summary.
 
@@ -197,11 +191,12 @@ def evaluate(
     loaded, passed with its ``tokenizer``. The results file ``out`` gets one record per
     (item, strategy) as each finishes; ``resume=True`` continues it. Its configuration names
     the model by ``model_name`` (default: the name or path given, else the architecture),
-    so give distinct names to tell loaded models apart on resume. ``task_options`` are the
-    task's options (``shots``, ``exemplars``, ``system_prompt``, ...). ``options`` (a
-    :class:`~layerdecode.options.GenerationOptions`) or keyword generation options
-    (``temp``, ``top_p``, ``seed``, ``stop``, ...) apply to every strategy; greedy, at
-    most 256 new tokens by default. Everything is checked before the model is loaded.
+    so give distinct names to tell loaded models apart on resume. ``plan_options`` are
+    :func:`plan_eval`'s: ``task_options`` (``shots``, ``exemplars``, ``system_prompt``,
+    ...), ``offset``, ``limit``, ``chat``, ``max_tokens``, and ``options`` (a
+    :class:`~layerdecode.options.GenerationOptions`) or generation options as keywords
+    (``temp``, ``top_p``, ``seed``, ``stop``, ...), which apply to every strategy; greedy,
+    at most 256 new tokens by default. Everything is checked before the model is loaded.
     """
     by_name = isinstance(model, (str, Path))
     if by_name:
@@ -213,19 +208,7 @@ def evaluate(
             raise ConfigError("A loaded model needs its tokenizer: evaluate(model, tokenizer).")
         args = getattr(model, "args", None)
         name = model_name or getattr(args, "model_type", None) or type(model).__name__
-    plan = plan_eval(
-        model=name,
-        task=task,
-        data=data,
-        strategies=list(strategies),
-        task_options=task_options,
-        offset=offset,
-        limit=limit,
-        chat=chat,
-        max_tokens=max_tokens,
-        options=options,
-        **generation,
-    )
+    plan = plan_eval(model=name, task=task, data=data, strategies=list(strategies), **plan_options)
     if by_name:
         from ..loading import load
 

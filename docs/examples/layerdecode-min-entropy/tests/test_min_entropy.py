@@ -29,7 +29,11 @@ def test_picks_the_lowest_entropy_layer(window):
     rows = np.arange(16)
     np.testing.assert_array_equal(np.array(decision.layers), expected)
     np.testing.assert_array_equal(np.array(decision.logits), logits[expected, rows])
-    np.testing.assert_allclose(np.array(decision.entropy), entropy[expected, rows], rtol=1e-4)
+    np.testing.assert_allclose(
+        np.array(decision.entropy), entropy[expected, rows], rtol=1e-4, atol=1e-5
+    )
+    if window > 1:  # not always the final layer: the test has something to check
+        assert len(set(expected.tolist())) > 1
 
 
 def test_window_of_one_is_the_models_own_output():
