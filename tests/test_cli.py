@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from layerdecode import cli as cli_module
 from layerdecode.cli import cli
+from layerdecode.cli import run as run_module
 
 WORDS = ["<unk>", "<s>", "</s>", "<system>", "<user>", "<assistant>"]
 WORDS += [f"w{i}" for i in range(150)]
@@ -33,49 +33,13 @@ WORDS += [
     "and",
     "to",
 ]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
 
 
 def build_tiny_model(path: Path) -> Path:
     """A 4-layer random llama plus a word-level tokenizer with a chat template."""
-    import mlx.core as mx
-    from mlx_lm.models import llama
-    from mlx_lm.utils import save_config, save_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from layerdecode.testing import save_tiny_model
 
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {word: i for i, word in enumerate(dict.fromkeys(WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        num_attention_heads=4,
-        rms_norm_eps=1e-5,
-        vocab_size=len(vocab),
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    save_model(path, model)
-    config = {k: v for k, v in vars(args).items() if v is not None}
-    config["max_position_embeddings"] = 512
-    save_config(config, path / "config.json")
-    return path
+    return save_tiny_model(path, words=WORDS, num_layers=4, intermediate_size=128, weight_scale=1.0)
 
 
 @pytest.fixture(scope="session")
@@ -286,9 +250,9 @@ def test_generate_stdin_env_and_seed(tiny_model):
 
 
 def test_generate_ctrl_c_keeps_output(tiny_model, monkeypatch):
-    import layerdecode.generation as gen
+    import layerdecode
 
-    real = gen.stream_generate
+    real = layerdecode.stream_generate
 
     def interrupted(*args, **kwargs):
         for i, response in enumerate(real(*args, **kwargs)):
@@ -296,7 +260,7 @@ def test_generate_ctrl_c_keeps_output(tiny_model, monkeypatch):
                 raise KeyboardInterrupt
             yield response
 
-    monkeypatch.setattr(gen, "stream_generate", interrupted)
+    monkeypatch.setattr(layerdecode, "stream_generate", interrupted)
     result = run("generate", "-m", tiny_model, "-p", "hello", "-n", "10")
     assert result.exit_code == 130
     assert result.stdout.strip()
@@ -357,7 +321,7 @@ def test_unexpected_error_and_debug(tiny_model, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli_module, "run_generate", boom)
+    monkeypatch.setattr(run_module, "run_generate", boom)
     result = run("generate", "-m", tiny_model, "-p", "hello")
     assert_one_line_error(result, 1, "RuntimeError: kaboom", "--debug")
     result = run("--debug", "generate", "-m", tiny_model, "-p", "hello")
@@ -503,8 +467,8 @@ def test_strategies_validate(tmp_path):
 def manifests(monkeypatch):
     calls = {}
 
-    def list_manifests():
-        return [{"name": "tiny", "description": "a tiny model", "layers": 4}]
+    def manifest_rows():
+        return [{"name": "tiny", "description": "a tiny model", "layers": 4, "cached": False}]
 
     def pull(name, *, dtype=None, progress=None, force=False):
         from layerdecode.errors import ModelError
@@ -524,7 +488,7 @@ def manifests(monkeypatch):
     except ImportError:
         module = types.ModuleType("layerdecode.manifests")
         monkeypatch.setitem(sys.modules, "layerdecode.manifests", module)
-    for fn in (list_manifests, pull, model_info):
+    for fn in (manifest_rows, pull, model_info):
         monkeypatch.setattr(module, fn.__name__, fn, raising=False)
     return calls
 
@@ -657,3 +621,86 @@ def test_report_bad_input(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------ the package's shape
+
+
+def test_stop_ends_the_output_before_the_stop_text(tiny_model):
+    # Seeded sampling gives varied words; a word from the middle of that output is the stop.
+    args = ["generate", "-m", tiny_model, "-p", "hello", "-n", "10", "--temp", "1", "--seed", "0"]
+    full = run_json(*args)["text"]
+    words = full.split()
+    assert len(words) >= 5, full
+    stop = " " + words[len(words) // 2]
+    data = run_json(*args, "--stop", stop)
+    assert data["finish_reason"] == "stop" and data["stop_sequence"] == stop
+    assert data["text"] == full[: full.index(stop)]
+    streamed = run(*args, "--stop", stop, "--stop", "never said")
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout.strip() == data["text"].strip()
+    assert "finish stop" in streamed.stderr
+
+
+def test_generation_flags_come_from_option_fields():
+    from layerdecode import option_fields
+
+    fields = {field.flag: field for field in option_fields()}
+    for command in ("generate", "compare", "inspect", "eval"):
+        text = " ".join(run(command, "--help").output.split())
+        for flag, field in fields.items():
+            assert flag in text, (command, flag)
+            if flag != "--max-tokens":  # the CLI's own default and range, per command
+                assert " ".join(field.help.split()) in text, (command, flag)
+    assert "--stop TEXT" in run("generate", "--help").output
+
+
+def test_strategies_list_says_which_presets_shadow_their_strategy():
+    rows = {row["name"]: row for row in run_json("strategies", "list") if row["kind"] == "preset"}
+    assert rows["dola"]["shadows"] and not rows["dola-low"]["shadows"]
+    text = " ".join(run("strategies", "list").stdout.split())
+    assert "-s dola" in text and "mean the preset" in text
+
+
+def test_help_imports_no_mlx():
+    code = (
+        "import sys; from layerdecode.cli import cli\n"
+        "for args in (['--help'], ['generate', '--help'], ['eval', '--help']):\n"
+        "    try:\n"
+        "        cli(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'matplotlib')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_cli_modules_use_only_the_public_api():
+    # Faces call the public API: no mx arrays, adapters, taps, decode loops or schema internals.
+    import ast
+
+    import layerdecode.cli
+
+    forbidden_modules = ("mlx", "mlx_lm", "pydantic", "pydantic_core")
+    forbidden_modules += tuple(f"layerdecode.{m}" for m in ("adapters", "taps", "decode", "view"))
+    forbidden_names = {"mx", "get_adapter", "model_fields", "_as_dict", "Decoder", "logit_lens"}
+    folder = Path(layerdecode.cli.__file__).parent
+    sources = sorted(folder.glob("*.py"))
+    assert {p.stem for p in sources} >= {"__init__", "options", "run", "evaluate", "catalog"}
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules, names = [], []
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "layerdecode.cli" if node.level == 1 else "layerdecode"
+                module = node.module or ""
+                modules = [f"{base}.{module}".rstrip(".") if node.level else module]
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            for module in modules:
+                assert not module.startswith(forbidden_modules), (path.name, module)
+            assert not forbidden_names.intersection(names), (path.name, names)

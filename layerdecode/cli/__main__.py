@@ -1,0 +1,5 @@
+"""``python -m layerdecode.cli``."""
+
+from . import main
+
+main()

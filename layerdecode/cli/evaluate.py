@@ -1,0 +1,242 @@
+"""``eval`` and ``report``: score strategies on a task, and summarise a results file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from .console import echo_json, load_model, stderr_console, stdout_console, usage
+from .options import (
+    CONTEXT_SETTINGS,
+    chosen_options,
+    generation_options,
+    model_options,
+    parse_params,
+    strategies_option,
+    strategy_list,
+    summary_output_options,
+)
+
+
+@click.command("eval", context_settings=CONTEXT_SETTINGS, short_help="Score strategies on a task.")
+@model_options
+@click.option(
+    "-t",
+    "--task",
+    required=True,
+    metavar="TASK",
+    help="Task recipe: gsm8k, svamp, choice or bbh (prompt template, answer extraction, scoring).",
+)
+@click.option(
+    "-d",
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Data file in the task's format (JSONL; CSV for choice; JSON for bbh).",
+)
+@strategies_option("the baseline of the paired comparisons")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most this many items.")
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Items to skip."
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=0),
+    help="Worked examples shown before each question [default: 0, zero-shot].",
+)
+@click.option(
+    "--exemplars",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="File to take the worked examples from [default: the data file, skipping the item].",
+)
+@click.option(
+    "-T",
+    "--task-option",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Further task option (repeatable): system_prompt, instruction, exemplar_format.",
+)
+@click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
+@generation_options(max_tokens=256)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts decoded together in one batch.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    metavar="FILE.jsonl",
+    help="Results file, one record per (item, strategy) [default: eval-TASK-TIME.jsonl].",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue the results file given with --out where it stopped."
+)
+@summary_output_options
+def eval_command(**kwargs: Any) -> None:
+    """Measure strategies on reasoning data: accuracy, paired comparison, layers, loops.
+
+    Every (item, strategy) pair is generated (greedy by default), scored, and appended to the
+    results file as soon as it is done; after an interruption, '--resume' continues where
+    the run stopped. The summary gives per strategy the accuracy with a 95% Wilson interval,
+    the items won and lost against the first strategy with an exact McNemar p-value, tokens/s,
+    the share of tokens from a non-final layer and how many generations hit --max-tokens
+    (usually a repetition loop).
+    """
+    import datetime
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from layerdecode import DEFAULT_MODEL, plan_eval, run_eval
+    from layerdecode.plots import plot_summary
+    from layerdecode.render import render_summary
+
+    if kwargs["resume"] and not kwargs["out"]:
+        raise usage("--resume needs --out: the results file to continue.")
+    task_options = parse_params(kwargs["task_options"])
+    if kwargs["shots"] is not None:
+        task_options["shots"] = kwargs["shots"]
+    if kwargs["exemplars"]:
+        task_options["exemplars"] = kwargs["exemplars"]
+    plan = plan_eval(
+        model=kwargs["model"] or DEFAULT_MODEL,
+        task=kwargs["task"],
+        data=kwargs["data"],
+        strategies=strategy_list(kwargs["strategies"]),
+        task_options=task_options,
+        offset=kwargs["offset"],
+        limit=kwargs["limit"],
+        chat=not kwargs["raw"],
+        options=chosen_options(kwargs),
+    )
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = kwargs["out"] or f"eval-{kwargs['task']}-{stamp}.jsonl"
+    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
+    err = stderr_console()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        bar = progress.add_task("eval", total=len(plan.items) * len(plan.strategies))
+
+        def advance(done: int, total: int, strategy: str) -> None:
+            progress.update(bar, completed=done, total=total, description=strategy or "eval")
+
+        summary, store = run_eval(
+            model,
+            tokenizer,
+            plan,
+            out,
+            resume=kwargs["resume"],
+            batch_size=kwargs["batch_size"],
+            progress=advance,
+        )
+    if store.dropped_bytes:
+        err.print(f"recovered {out}: dropped an incomplete last record ({store.dropped_bytes} B)")
+    if kwargs["plot"]:
+        plot_summary(summary, kwargs["plot"], title=f"{kwargs['task']}: {plan.config.model}")
+    if kwargs["as_json"]:
+        echo_json({"results": str(out), **summary.to_dict()}, indent=2)
+        return
+    stdout_console(wide=True).print(render_summary(summary, title=f"{kwargs['task']} ({out})"))
+    err.print(f"results: {out}" + (f"  plot: {kwargs['plot']}" if kwargs["plot"] else ""))
+
+
+@click.command(
+    "report", context_settings=CONTEXT_SETTINGS, short_help="Summarise an eval results file."
+)
+@click.argument("results", type=click.Path(dir_okay=False), metavar="RESULTS.jsonl")
+@click.option(
+    "-s",
+    "--strategies",
+    metavar="A,B,...",
+    help="Strategies to summarise, the first as the baseline [default: the run's, in order].",
+)
+@click.option(
+    "--all-items",
+    is_flag=True,
+    help="Count every record, also of items that not every strategy has answered yet "
+    "[default: only items all have answered, so that accuracies are paired].",
+)
+@click.option(
+    "--disagreements",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="List up to this many items that some strategies got right and others wrong.",
+)
+@summary_output_options
+def report_command(**kwargs: Any) -> None:
+    """Summarise a results file written by 'layerdecode eval', without loading the model.
+
+    Works on a finished run and on one still going or stopped (a torn last record is
+    skipped). Besides the eval summary it lists the items where the strategies disagree,
+    and the time each strategy spent generating.
+    """
+    from layerdecode.eval.records import read_results
+    from layerdecode.eval.stats import complete_items, disagreements, summarize
+    from layerdecode.plots import plot_summary
+    from layerdecode.render import format_duration, render_disagreements, render_summary
+
+    path = kwargs["results"]
+    config, records = read_results(path)
+    names = config.strategy_names
+    if kwargs["strategies"]:
+        names = strategy_list(kwargs["strategies"])
+        unknown = [n for n in names if n not in config.strategy_names]
+        if unknown:
+            raise usage(
+                f"--strategies: {path} has no strategy {', '.join(map(repr, unknown))}; "
+                f"it holds {', '.join(config.strategy_names)}."
+            )
+    left_out: list[str] = []
+    if not kwargs["all_items"]:
+        records, left_out = complete_items(records, names)
+    summary = summarize(records, names)
+    disagreeing = disagreements(records, names)
+    scope = "every record" if kwargs["all_items"] else "items every strategy answered"
+    title = f"{config.task} · {config.model} · {summary.n_items} {scope}"
+    if kwargs["plot"]:
+        plot_summary(summary, kwargs["plot"], title=title)
+    if kwargs["as_json"]:
+        data = {
+            "results": str(path),
+            "config": config.model_dump(mode="json"),
+            "items_left_out": left_out,
+            **summary.to_dict(),
+            "disagreements": [asdict(d) for d in disagreeing],
+        }
+        echo_json(data, indent=2)
+        return
+    console = stdout_console(wide=True)
+    console.print(render_summary(summary, title=title))
+    console.print(f"time generating: {format_duration(summary.busy_seconds)}")
+    if left_out:
+        console.print(
+            f"left out {len(left_out)} items that only some strategies answered "
+            "(--all-items counts them)"
+        )
+    if kwargs["disagreements"] and len(names) > 1:
+        console.print(render_disagreements(disagreeing, names, limit=kwargs["disagreements"]))
+    if kwargs["plot"]:
+        stderr_console().print(f"plot: {kwargs['plot']}")

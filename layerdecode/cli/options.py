@@ -1,0 +1,225 @@
+"""Reusable option decorators and the parsing of their values.
+
+The generation flags (``--temp`` ... ``--stop``) are derived from
+:func:`layerdecode.option_fields`, so a new field of ``GenerationOptions`` is a new flag
+on every command that generates, with its range and help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from layerdecode import DEFAULT_MODEL, option_fields
+
+from .console import usage
+
+if TYPE_CHECKING:
+    from layerdecode import GenerationOptions, ResolvedStrategy
+    from layerdecode.options import OptionField
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+Decorator = Callable[[Callable], Callable]
+
+
+def stack(*decorators: Decorator) -> Decorator:
+    """Several option decorators as one, applied in the order they are listed."""
+
+    def wrap(f: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return wrap
+
+
+model_options = stack(
+    click.option(
+        "-m",
+        "--model",
+        envvar="LAYERDECODE_MODEL",
+        show_envvar=True,
+        metavar="NAME|PATH",
+        help="Model to load: a manifest name (see 'layerdecode models list'), a local "
+        "mlx-lm directory, a .gguf file or a Hugging Face repo id. "
+        f"[default: {DEFAULT_MODEL}]",
+    ),
+    click.option(
+        "--dtype",
+        metavar="DTYPE",
+        help="Convert the weights on load, e.g. float16, bfloat16 or float32 [default: as stored].",
+    ),
+)
+
+prompt_options = stack(
+    click.option(
+        "-p",
+        "--prompt",
+        metavar="TEXT",
+        help="The prompt; '-' reads it from stdin (also read from stdin when omitted and "
+        "stdin is not a terminal).",
+    ),
+    click.option("--system", metavar="TEXT", help="System message for the chat template."),
+    click.option(
+        "--raw",
+        is_flag=True,
+        help="Send the prompt as is, without the tokenizer's chat template (the template "
+        "is applied by default when the tokenizer has one).",
+    ),
+)
+
+param_option = click.option(
+    "-P",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Strategy parameter, overriding the preset's (repeatable). VALUE is read as "
+    "YAML: --param window=8, --param layers=[16,20,24], --param method=trough-m1. "
+    "See 'layerdecode strategies show NAME'.",
+)
+
+
+def strategy_option(default: str = "final") -> Decorator:
+    return click.option(
+        "-s",
+        "--strategy",
+        default=default,
+        show_default=True,
+        metavar="NAME|PRESET|FILE.yaml",
+        help="Exit-layer strategy: a strategy name, a preset name or a YAML preset file "
+        "(see 'layerdecode strategies list').",
+    )
+
+
+def strategies_option(baseline: str) -> Decorator:
+    """``--strategies A,B,...``; ``baseline`` says what the first one is for."""
+    return click.option(
+        "-s",
+        "--strategies",
+        default="final,confident,dola",
+        show_default=True,
+        metavar="A,B,...",
+        help=f"Comma-separated strategies, presets or YAML files; the first is {baseline}.",
+    )
+
+
+def json_option(help: str) -> Decorator:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+summary_output_options = stack(
+    click.option(
+        "--plot",
+        type=click.Path(dir_okay=False),
+        metavar="FILE.png",
+        help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
+    ),
+    json_option("Print the summary as JSON."),
+)
+
+
+# -- generation options, derived from GenerationOptions -------------------------------------
+
+
+def _flag_type(field: OptionField) -> click.ParamType | type:
+    if field.minimum is None and field.maximum is None:
+        return field.type
+    ranged = click.FloatRange if field.type is float else click.IntRange
+    return ranged(field.minimum, field.maximum, min_open=field.min_open, max_open=field.max_open)
+
+
+def _generation_flag(field: OptionField) -> Decorator:
+    return click.option(
+        field.flag,
+        field.name,
+        type=_flag_type(field),
+        multiple=field.multiple,
+        metavar="TEXT" if field.type is str else None,
+        help=field.help + (" Repeatable." if field.multiple else ""),
+    )
+
+
+def _max_tokens_flag(default: int | None) -> Decorator:
+    # The CLI's own shape: -n, a per-command default and no "-1 = unlimited".
+    return click.option(
+        "-n",
+        "--max-tokens",
+        "max_tokens",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=default is not None,
+        help="Maximum number of tokens to generate"
+        + (" [default: the preset's, else 256]." if default is None else "."),
+    )
+
+
+def generation_options(max_tokens: int | None) -> Decorator:
+    """Every generation flag; ``max_tokens`` is the command's default (None: the preset's)."""
+    flags = [
+        _max_tokens_flag(max_tokens) if field.name == "max_tokens" else _generation_flag(field)
+        for field in option_fields()
+    ]
+    return stack(*flags)
+
+
+def chosen_options(values: dict[str, Any]) -> GenerationOptions:
+    """The generation options a command was given (unset flags stay unset)."""
+    from layerdecode import GenerationOptions
+
+    chosen = {}
+    for field in option_fields():
+        value = values.get(field.name)
+        chosen[field.name] = (value or None) if field.multiple else value  # () is "not given"
+    return GenerationOptions.build(**chosen)
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` strings -> params; values are YAML scalars or lists."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise usage(f"Malformed --param '{item}': use KEY=VALUE, e.g. --param window=8.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise usage(f"Malformed --param '{item}': the value is not valid YAML.") from None
+        if raw.strip() == "" or isinstance(value, dict):
+            raise usage(
+                f"Malformed --param '{item}': the value must be a number, a string, a boolean "
+                "or a list like [1,2]."
+            )
+        if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+            raise usage(f"Malformed --param '{item}': list items must be plain values.")
+        params[key] = value
+    return params
+
+
+def resolve(strategy: str, params: tuple[str, ...]) -> ResolvedStrategy:
+    """The validated strategy (raises ConfigError for unknown names and bad params)."""
+    from layerdecode import resolve_strategy
+
+    return resolve_strategy(strategy, parse_params(params))
+
+
+def strategy_list(value: str) -> list[str]:
+    """The names of a comma-separated --strategies value; a usage error when it is empty."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise usage("--strategies is empty: name at least one, e.g. final,confident.")
+    return names
+
+
+def check_system(system: str | None, raw: bool) -> None:
+    if system and raw:
+        raise usage("--system needs the chat template: drop --raw or put it in the prompt.")
