@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 import layerdecode
-
-from .test_plugin_example import tiny_tokenizer
-from .tiny_models import tiny_model
+from layerdecode.testing import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["docs/quickstart.md", "docs/plugins.md"]

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from layerdecode import lens
+from layerdecode import lens, plots
 from layerdecode.errors import ConfigError
 from layerdecode.testing import tiny_model
 
@@ -91,18 +91,18 @@ def test_plot_and_html(model, tmp_path):
 
     result = lens.logit_lens(model, _Tokenizer(), IDS, chosen_layers={6: 1, 7: 3}, prompt_length=7)
     for color in ("entropy", "prob"):
-        path = lens.plot_lens(result, tmp_path / f"{color}.png", color=color)
+        path = plots.plot_lens(result, tmp_path / f"{color}.png", color=color)
         image = mpimg.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     with pytest.raises(ConfigError, match="Unknown colour"):
-        lens.plot_lens(result, tmp_path / "x.png", color="rainbow")
-    page = lens.lens_html(result)
+        plots.plot_lens(result, tmp_path / "x.png", color="rainbow")
+    page = plots.lens_html(result)
     assert page.count("<tr>") == 1 + len(result.layers)
     assert "t1" in page
 
 
 def test_short_token():
-    assert lens.short_token("hello world", 6) == "hello…"
-    assert lens.short_token("\n") == "\\n"
-    assert lens.short_token(" ab") == " ab"
-    assert lens.short_token("  ") == "··"
+    assert plots.short_token("hello world", 6) == "hello…"
+    assert plots.short_token("\n") == "\\n"
+    assert plots.short_token(" ab") == " ab"
+    assert plots.short_token("  ") == "··"
