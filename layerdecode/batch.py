@@ -95,12 +95,9 @@ def batch_generate_step(
     model: nn.Module,
     strategy: Strategy,
     *,
-    max_tokens: int | Sequence[int] = 256,
-    stop_tokens: Sequence[int] = (),
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
-    prefill_step_size: int = 2048,
-    max_kv_size: int | None = None,
+    **kwargs: Any,
 ) -> Generator[list[RowStep], None, None]:
     """Yield, step by step, the tokens of the rows still generating.
 
@@ -108,22 +105,15 @@ def batch_generate_step(
         prompts: token ids per prompt (each non-empty).
         model: an mlx-lm model with a supported architecture.
         strategy: the strategy (its ``select`` sees ``(rows, ...)`` arrays).
-        max_tokens: budget per row (one int for all rows, or one per row).
-        stop_tokens: ids that end a row (reported with ``finish_reason="stop"``).
         sampler: maps log-probabilities ``(rows, vocab)`` to tokens; greedy by default.
         logits_processors: mlx-lm processors, applied to each row with its own history.
-        prefill_step_size: prompt tokens per forward pass during prefill.
-        max_kv_size: maximum KV cache size (a rotating cache), as in mlx-lm.
+        kwargs: ``max_tokens`` (budget per row: one int for all rows, or one per row; 256),
+            ``stop_tokens`` (ids that end a row, reported with ``finish_reason="stop"``),
+            ``prefill_step_size`` (prompt tokens per forward pass during prefill, 2048) and
+            ``max_kv_size`` (a rotating cache of that size, as in mlx-lm).
     """
     decoder = Decoder(model, strategy, sampler=sampler, logits_processors=logits_processors)
-    return _batch_steps(
-        decoder,
-        prompts,
-        max_tokens=max_tokens,
-        stop_tokens=stop_tokens,
-        prefill_step_size=prefill_step_size,
-        max_kv_size=max_kv_size,
-    )
+    return _batch_steps(decoder, prompts, **kwargs)
 
 
 def _check_batch(decoder: Decoder, prompts: list[list[int]], budgets: list[int]) -> None:
@@ -150,10 +140,10 @@ def _batch_steps(
     decoder: Decoder,
     prompts: Sequence[Sequence[int]],
     *,
-    max_tokens: int | Sequence[int],
-    stop_tokens: Sequence[int],
-    prefill_step_size: int,
-    max_kv_size: int | None,
+    max_tokens: int | Sequence[int] = 256,
+    stop_tokens: Sequence[int] = (),
+    prefill_step_size: int = 2048,
+    max_kv_size: int | None = None,
 ) -> Generator[list[RowStep], None, None]:
     prompts = [list(p) for p in prompts]
     budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)

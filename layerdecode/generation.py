@@ -50,10 +50,7 @@ def generate_step(
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
-    max_kv_size: int | None = None,
-    prompt_cache: list[Any] | None = None,
-    prefill_step_size: int = 2048,
-    prompt_progress_callback: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
 ) -> Generator[Step, None, None]:
     """Yield generated tokens, each decoded from the layer ``strategy`` selects.
 
@@ -64,19 +61,35 @@ def generate_step(
         max_tokens: number of tokens to generate (-1: no limit).
         sampler: maps log-probabilities ``(1, vocab)`` to a token; greedy by default.
         logits_processors: mlx-lm logits processors, applied to the strategy's logits.
-        max_kv_size: maximum KV cache size (a rotating cache), as in mlx-lm.
-        prompt_cache: a cache from ``make_prompt_cache`` to fill and reuse.
-        prefill_step_size: prompt tokens processed per forward pass.
-        prompt_progress_callback: called with (processed, total) prompt tokens.
+        kwargs: as in mlx-lm: ``max_kv_size`` (a rotating cache of that size),
+            ``prompt_cache`` (a cache from ``make_prompt_cache`` to fill and reuse),
+            ``prefill_step_size`` (prompt tokens per forward pass, 2048) and
+            ``prompt_progress_callback`` (called with (processed, total) prompt tokens).
     """
+    decoder = Decoder(model, strategy, sampler=sampler, logits_processors=logits_processors)
+    return decoder_steps(decoder, prompt, max_tokens=max_tokens, **kwargs)
+
+
+def decoder_steps(
+    decoder: Decoder,
+    prompt: mx.array,
+    *,
+    max_tokens: int,
+    max_kv_size: int | None = None,
+    prompt_cache: list[Any] | None = None,
+    prefill_step_size: int = 2048,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Generator[Step, None, None]:
+    """:func:`generate_step` for a decoder that is already set up."""
     if prompt.ndim != 1 or prompt.size == 0:
         raise ConfigError("The prompt is empty: give at least one token.")
-    decoder = Decoder(model, strategy, sampler=sampler, logits_processors=logits_processors)
+    if prompt_cache is None:
+        prompt_cache = make_prompt_cache(decoder.model, max_kv_size)
     return _steps(
         decoder,
         prompt,
         max_tokens=max_tokens,
-        cache=prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size),
+        cache=prompt_cache,
         prefill_step_size=prefill_step_size,
         progress=prompt_progress_callback,
     )
@@ -251,26 +264,17 @@ def stream_resolved(
     *,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
-    max_kv_size: int | None = None,
-    prompt_cache: list[Any] | None = None,
-    prefill_step_size: int = 2048,
-    prompt_progress_callback: Callable[[int, int], None] | None = None,
+    **step_kwargs: Any,
 ) -> Generator[LayerResponse, None, None]:
-    """:func:`stream_generate` for a resolved strategy, options and encoded prompt."""
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ConfigError("The prompt is empty: give at least one token.")
+    """:func:`stream_generate` for a resolved strategy, options and encoded prompt.
+
+    ``step_kwargs`` are :func:`decoder_steps`' (``max_kv_size``, ``prompt_cache``...).
+    """
     max_tokens = options.max_tokens_or_default()
     decoder = make_decoder(
         model, resolved, options, sampler=sampler, logits_processors=logits_processors
     )
-    steps = _steps(
-        decoder,
-        prompt,
-        max_tokens=max_tokens,
-        cache=prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size),
-        prefill_step_size=prefill_step_size,
-        progress=prompt_progress_callback,
-    )
+    steps = decoder_steps(decoder, prompt, max_tokens=max_tokens, **step_kwargs)
     return _responses(model, tokenizer, prompt.size, decoder.num_layers, steps, max_tokens, options)
 
 

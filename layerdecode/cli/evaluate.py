@@ -10,7 +10,9 @@ import click
 from .console import echo_json, load_model, stderr_console, stdout_console, usage
 from .options import (
     CONTEXT_SETTINGS,
+    batch_size_option,
     chosen_options,
+    file_option,
     generation_options,
     model_options,
     parse_params,
@@ -29,11 +31,10 @@ from .options import (
     metavar="TASK",
     help="Task recipe: gsm8k, svamp, choice or bbh (prompt template, answer extraction, scoring).",
 )
-@click.option(
+@file_option(
     "-d",
     "--data",
     required=True,
-    type=click.Path(dir_okay=False),
     metavar="FILE",
     help="Data file in the task's format (JSONL; CSV for choice; JSON for bbh).",
 )
@@ -47,9 +48,8 @@ from .options import (
     type=click.IntRange(min=0),
     help="Worked examples shown before each question [default: 0, zero-shot].",
 )
-@click.option(
+@file_option(
     "--exemplars",
-    type=click.Path(dir_okay=False),
     metavar="FILE",
     help="File to take the worked examples from [default: the data file, skipping the item].",
 )
@@ -63,17 +63,10 @@ from .options import (
 )
 @click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
 @generation_options(max_tokens=256)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Prompts decoded together in one batch.",
-)
-@click.option(
+@batch_size_option(8, "Prompts decoded together in one batch.")
+@file_option(
     "-o",
     "--out",
-    type=click.Path(dir_okay=False),
     metavar="FILE.jsonl",
     help="Results file, one record per (item, strategy) [default: eval-TASK-TIME.jsonl].",
 )

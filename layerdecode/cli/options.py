@@ -111,10 +111,22 @@ def json_option(help: str) -> Decorator:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 
+def batch_size_option(default: int, help: str) -> Decorator:
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
+
+
+def file_option(*decls: str, metavar: str, help: str, **extra: Any) -> Decorator:
+    """An option naming a file (not a folder)."""
+    return click.option(
+        *decls, type=click.Path(dir_okay=False), metavar=metavar, help=help, **extra
+    )
+
+
 summary_output_options = stack(
-    click.option(
+    file_option(
         "--plot",
-        type=click.Path(dir_okay=False),
         metavar="FILE.png",
         help="Also draw accuracy with intervals and the chosen-layer histogram per strategy.",
     ),

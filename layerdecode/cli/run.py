@@ -18,8 +18,10 @@ from .console import (
 )
 from .options import (
     CONTEXT_SETTINGS,
+    batch_size_option,
     check_system,
     chosen_options,
+    file_option,
     generation_options,
     json_option,
     model_options,
@@ -146,23 +148,16 @@ def run_generate(
     metavar="TEXT",
     help="A prompt (repeatable; '-' reads one from stdin).",
 )
-@click.option(
+@file_option(
     "--prompts",
     "prompts_file",
-    type=click.Path(dir_okay=False),
     metavar="FILE.jsonl",
     help="JSON-lines file with a 'prompt' field per line.",
 )
 @click.option("--system", metavar="TEXT", help="System message for the chat template.")
 @click.option("--raw", is_flag=True, help="Send prompts as is, without the chat template.")
 @generation_options(max_tokens=64)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Prompts decoded together in one batch; 1 runs them one by one.",
-)
+@batch_size_option(1, "Prompts decoded together in one batch; 1 runs them one by one.")
 @json_option("Print one JSON object with every result.")
 def compare_command(**kwargs: Any) -> None:
     """Run several strategies on the same prompts and show the outputs side by side.
