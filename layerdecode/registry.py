@@ -24,6 +24,7 @@ _BUILTIN_ENTRY_POINTS = {
     "fixed": "layerdecode.strategies.fixed:FixedStrategy",
     "dola": "layerdecode.strategies.dola:DoLaStrategy",
     "confident": "layerdecode.strategies.confident:ConfidentStrategy",
+    "sled": "layerdecode.strategies.sled:SledStrategy",
 }
 
 

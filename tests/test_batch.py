@@ -20,6 +20,8 @@ STRATEGIES = [
     ("dola", {"layers": "high"}),
     ("dola", {"layers": [0, 2, 3]}),
     ("fixed", {"layer": 2}),
+    ("sled", {}),
+    ("sled", {"layers": [0, 2, 3], "evolution_scale": 4, "evolution_rate": 0.5}),
 ]
 
 

@@ -37,6 +37,9 @@ def test_final_matches_mlx_lm_on_every_architecture(arch):
     # confident with p=0 and fixed at the last layer are the final layer too.
     assert [s.token for s in our_steps(model, get_strategy("confident", p=0.0))] == expected
     assert [s.token for s in our_steps(model, get_strategy("fixed", layer=-1))] == expected
+    # sled without evolution keeps the final layer's ranking.
+    sled = get_strategy("sled", evolution_rate=0.0)
+    assert [s.token for s in our_steps(model, sled)] == expected
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])

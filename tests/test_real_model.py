@@ -60,7 +60,7 @@ def test_confident_p0_is_final_and_p1_moves_layers(smollm2):
 
 @pytest.mark.parametrize(
     "strategy, params",
-    [("final", {}), ("confident", {}), ("dola", {}), ("fixed", {"layer": -3})],
+    [("final", {}), ("confident", {}), ("dola", {}), ("fixed", {"layer": -3}), ("sled", {})],
 )
 def test_batch_rows_equal_single_runs(smollm2, strategy, params):
     model, tokenizer = smollm2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import typing
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from layerdecode.errors import ConfigError
 from layerdecode.registry import get_strategy
 from layerdecode.strategies.confident import Method
 from layerdecode.strategy import ModelFacts
-from layerdecode.testing import select_on
+from layerdecode.testing import select_on, view_over
 
 # Every method the params accept; each is checked against the loop reference below.
 CONFIDENT_METHODS = list(typing.get_args(Method))
@@ -326,3 +327,148 @@ def test_dola_layers_out_of_range():
     strategy = get_strategy("dola", layers=[2, 30])
     with pytest.raises(ConfigError, match=r"premature layers \[30\] are out of range"):
         strategy.prepare(ModelFacts(30, True))
+
+
+# -- sled ------------------------------------------------------------------------------
+
+
+def sled_reference(final, premature, *, rate, scale, lower):
+    """Per row, written from the official code's greedy step with explicit vectors.
+
+    ``final`` is ``(batch, vocab)``, ``premature`` ``(layers, batch, vocab)``; returns the
+    next-token logits and the number of candidates the layers pulled on, per row.
+    """
+    final, premature = final.astype(np.float64), premature.astype(np.float64)
+    out = np.empty_like(final)
+    pulled = []
+    for b in range(final.shape[0]):
+        f, layers = final[b], premature[:, b]
+        p_final = np.exp(np_log_softmax(f))
+        top = np.argsort(-p_final, kind="stable")[:scale]
+        cos = np.zeros((len(layers), len(top)))
+        for i, layer in enumerate(layers):
+            d = layer - f
+            for j, token in enumerate(top):
+                g = np.exp(np_log_softmax(layer))
+                g[token] -= 1.0  # the gradient towards a one-hot at the candidate
+                cos[i, j] = g @ d / (max(np.linalg.norm(g), 1e-8) * max(np.linalg.norm(d), 1e-8))
+        votes = np.maximum(cos, 0.0) ** 2
+        sums = votes.sum(axis=1)
+        votes[sums != 0] /= sums[sums != 0][:, None]
+        weights = sums / sums.sum() if sums.sum() != 0 else sums
+        delta = np.zeros_like(f)
+        for i in range(len(layers)):
+            for j, token in enumerate(top):
+                delta[token] -= weights[i] * votes[i, j]
+        evolved = f - rate * (p_final + delta)
+        out[b] = lower
+        out[b, top] = evolved[top]
+        pulled.append(int((delta[top] < 0).sum()))
+    return out, pulled
+
+
+def sled_case(seed=0, layers=6, batch=4, vocab=40):
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 3.0, size=(layers, batch, 1))
+    layer_logits = (rng.normal(size=(layers, batch, vocab)) * scale).astype(np.float32)
+    embeddings = rng.normal(size=(batch, vocab)).astype(np.float32)
+    return layer_logits, embeddings
+
+
+def run_sled(layer_logits, embeddings, norm=None, **params):
+    strategy = get_strategy("sled", **params)
+    strategy.prepare(ModelFacts(layer_logits.shape[0], True, "test"))
+    view = view_over(layer_logits, embeddings=embeddings, exits=strategy.exits(), norm=norm)
+    decision = strategy.select(view)
+    mx.eval(decision.logits, decision.layers, decision.entropy, *decision.extras.values())
+    return decision
+
+
+def check_sled(decision, layer_logits, premature, **params):
+    expected, pulled = sled_reference(
+        layer_logits[-1],
+        premature,
+        rate=params.get("evolution_rate", 2.0),
+        scale=params.get("evolution_scale", 10),
+        lower=params.get("evolution_lower_bound", -1000.0),
+    )
+    np.testing.assert_allclose(np.array(decision.logits), expected, rtol=1e-4, atol=1e-5)
+    assert np.array(decision.extras["evolved_tokens"]).tolist() == pulled
+    final = layer_logits.shape[0] - 1
+    assert np.array(decision.layers).tolist() == [final] * layer_logits.shape[1]
+    np.testing.assert_allclose(
+        np.array(decision.entropy), np_entropy(layer_logits[-1]), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("scale", [1, 3, 10, 40])
+@pytest.mark.parametrize("rate", [0.0, 0.5, 2.0, 25.0])
+def test_sled_matches_reference(scale, rate):
+    layer_logits, embeddings = sled_case(seed=scale)
+    params = {"evolution_rate": rate, "evolution_scale": scale}
+    decision = run_sled(layer_logits, embeddings, **params)
+    # 'all': the embedding output and every decoder layer below the final one.
+    premature = np.concatenate([embeddings[None], layer_logits[:-1]])
+    check_sled(decision, layer_logits, premature, **params)
+    # The layers pulled on candidates: the reference's vote path is exercised.
+    assert sum(np.array(decision.extras["evolved_tokens"]).tolist()) > 0
+
+
+def test_sled_lower_bound_and_layer_subset():
+    layer_logits, embeddings = sled_case(seed=7, layers=8)
+    params = {"layers": [3, 0, 5], "evolution_scale": 5, "evolution_lower_bound": -2.0}
+    decision = run_sled(layer_logits, embeddings, **params)
+    # HF numbering: 0 is the embeddings, 3 and 5 the outputs of decoder layers 2 and 4.
+    premature = np.stack([layer_logits[2], embeddings, layer_logits[4]])
+    check_sled(decision, layer_logits, premature, **params)
+    logits = np.array(decision.logits)
+    assert ((logits == -2.0).sum(axis=-1) == 40 - 5).all()  # every non-candidate at the bound
+
+
+def test_sled_premature_norm_reads_through_the_norm():
+    layer_logits, embeddings = sled_case(seed=3)
+    decision = run_sled(layer_logits, embeddings, norm=lambda h: 0.5 * h, premature_norm=True)
+    premature = 0.5 * np.concatenate([embeddings[None], layer_logits[:-1]])
+    # The final layer is decoded through the norm too, as the model decodes it.
+    normed = layer_logits.copy()
+    normed[-1] *= 0.5
+    check_sled(decision, normed, premature)
+
+
+def test_sled_ties_and_layers_that_agree_with_the_final_one():
+    layer_logits, embeddings = sled_case(seed=5, layers=4, batch=3, vocab=12)
+    layer_logits[-1, 0, :4] = 6.0  # four tied top tokens, all candidates (scale 4)
+    layer_logits[:, 1] = layer_logits[-1, 1]  # row 1: every layer equals the final one
+    embeddings[1] = layer_logits[-1, 1]
+    layer_logits[1, 2] = layer_logits[-1, 2]  # row 2: one layer agrees, the others vote
+    decision = run_sled(layer_logits, embeddings, evolution_scale=4, evolution_rate=1.0)
+    premature = np.concatenate([embeddings[None], layer_logits[:-1]])
+    check_sled(decision, layer_logits, premature, evolution_scale=4, evolution_rate=1.0)
+    assert np.array(decision.extras["evolved_tokens"])[1] == 0  # nobody pulled in row 1
+    # With no pull, the step only lowers each candidate by rate * its probability.
+    top = np.argsort(-layer_logits[-1, 1], kind="stable")[:4]
+    p = np.exp(np_log_softmax(layer_logits[-1, 1]))
+    np.testing.assert_allclose(
+        np.array(decision.logits)[1, top], layer_logits[-1, 1, top] - p[top], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"layers": []}, "at least one premature layer"),
+        ({"evolution_rate": -1.0}, "evolution_rate"),
+        ({"evolution_scale": 0}, "evolution_scale"),
+        ({"layers": "high"}, "layers"),
+        ({"alpha": 0.5}, "unknown parameter 'alpha'"),
+    ],
+)
+def test_sled_rejects_bad_params(params, message):
+    with pytest.raises(ConfigError, match=message):
+        get_strategy("sled", **params)
+
+
+def test_sled_layers_out_of_range():
+    strategy = get_strategy("sled", layers=[2, 6])
+    with pytest.raises(ConfigError, match=r"premature layers \[6\] are out of range"):
+        strategy.prepare(ModelFacts(6, True, "test"))
