@@ -45,6 +45,7 @@ def main() -> None:
         "final": lambda: get_strategy("final"),
         "confident (window 10)": lambda: get_strategy("confident", window=10),
         "dola (high)": lambda: get_strategy("dola", layers="high"),
+        "sled (all layers)": lambda: get_strategy("sled"),
     }
 
     def run_mlx():

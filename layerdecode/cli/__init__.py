@@ -20,6 +20,7 @@ from .console import EXIT_INTERRUPTED, say_error
 from .evaluate import eval_command, report_command
 from .options import CONTEXT_SETTINGS
 from .run import compare_command, generate_command, inspect_command
+from .serve import serve_command
 
 __all__ = ["cli", "main"]
 
@@ -85,7 +86,7 @@ def cli(debug: bool) -> None:
     """Decode each token from the decoder layer a pluggable strategy picks.
 
     layerdecode runs mlx-lm models and, at every step, lets a strategy (final, fixed,
-    dola, confident, or a plugin) choose the layer whose prediction becomes the next
+    dola, confident, sled, or a plugin) choose the layer whose prediction becomes the next
     token. Start with:
 
     \b
@@ -102,6 +103,7 @@ for _command in (
     report_command,
     strategies,
     models,
+    serve_command,
 ):
     cli.add_command(_command)
 
