@@ -30,7 +30,6 @@ answer-format instruction.
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import json
 import random
@@ -42,7 +41,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from layerdecode.errors import ConfigError
+from layerdecode.errors import ConfigError, did_you_mean, one_line_error
 from layerdecode.eval import answers
 
 __all__ = [
@@ -122,11 +121,14 @@ class TaskOptions(BaseModel):
 
 def _options_error(task: str, error: ValidationError) -> ConfigError:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "options"
     if first["type"] == "extra_forbidden":
+        where = ".".join(str(part) for part in first["loc"])
+        hint = did_you_mean(where, TaskOptions.model_fields)
         known = ", ".join(TaskOptions.model_fields)
-        return ConfigError(f"Unknown option '{where}' for task '{task}'. Known options: {known}")
-    return ConfigError(f"Invalid option for task '{task}': {where}: {first['msg']}")
+        return ConfigError(
+            f"Unknown option '{where}' for task '{task}'.{hint} Known options: {known}"
+        )
+    return ConfigError(one_line_error(error, f"Invalid option for task '{task}'"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,9 +530,8 @@ def get_task(name: str, **options: Any) -> Task:
     try:
         cls = TASKS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, TASKS, n=3)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(
-            f"Unknown task '{name}'.{hint} Known tasks: {', '.join(task_names())}"
+            f"Unknown task '{name}'.{did_you_mean(name, TASKS)} Known tasks: "
+            f"{', '.join(task_names())}"
         ) from None
     return cls(**options)
