@@ -704,3 +704,24 @@ def test_cli_modules_use_only_the_public_api():
             for module in modules:
                 assert not module.startswith(forbidden_modules), (path.name, module)
             assert not forbidden_names.intersection(names), (path.name, names)
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path):
+    # `layerdecode strategies list | grep -q x`: the reader is gone before the table is written.
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "layerdecode.cli", "strategies", "list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    # click's own handling of a closed pipe: exit 1 without a word (no traceback).
+    assert done.returncode == 1
+    assert done.stderr == ""
