@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+# The one place the version is written: the package metadata is built from this line.
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -28,6 +29,7 @@ _EXPORTS = {
     "batch_generate": "layerdecode.batch",
     "batch_generate_step": "layerdecode.batch",
     "BatchStats": "layerdecode.batch",
+    "LiveBatch": "layerdecode.live",
     "register_strategy": "layerdecode.registry",
     "get_strategy": "layerdecode.registry",
     "list_strategies": "layerdecode.registry",

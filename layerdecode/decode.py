@@ -149,6 +149,17 @@ class Decoder:
         return prompt[-1:]
 
 
+def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely tokens of one row's log-probabilities, most likely first."""
+    if k <= 0:
+        return []
+    k = min(k, logprobs.size)
+    ids = mx.argpartition(-logprobs, k - 1)[:k]
+    values = logprobs[ids]
+    pairs = sorted(zip(ids.tolist(), values.tolist(), strict=True), key=lambda p: -p[1])
+    return [(int(i), float(v)) for i, v in pairs]
+
+
 def remove_taps(model: nn.Module) -> None:
     """Give the model's decoder layers their own classes back.
 

@@ -347,9 +347,6 @@ def _now() -> datetime:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from .. import __version__
 
-        return version("layerdecode")
-    except Exception:
-        return "unknown"
+    return __version__

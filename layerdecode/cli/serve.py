@@ -1,0 +1,157 @@
+"""``serve``: the OpenAI-compatible HTTP server (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .console import load_model
+from .options import CONTEXT_SETTINGS, model_options
+
+
+@click.command(
+    "serve", context_settings=CONTEXT_SETTINGS, short_help="Serve an OpenAI-compatible API."
+)
+@model_options
+@click.option(
+    "-s",
+    "--strategy",
+    default="final",
+    show_default=True,
+    metavar="NAME|PRESET",
+    help="Default strategy of requests that name none: a strategy or a shipped preset name.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on.",
+)
+@click.option(
+    "--max-batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Requests decoded at once; more wait in the queue.",
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(0, 100_000),
+    help="Requests that may wait; beyond that the server answers 429 with Retry-After.",
+)
+@click.option(
+    "--max-tokens-limit",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="The largest max_tokens a request may ask for (also the cap of requests without one).",
+)
+@click.option(
+    "--max-body-bytes",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(1, 1 << 30),
+    help="Larger request bodies are answered 413.",
+)
+@click.option(
+    "--api-key",
+    envvar="LAYERDECODE_API_KEY",
+    show_envvar=True,
+    metavar="KEY",
+    help="Require 'Authorization: Bearer KEY' on every endpoint but /health.",
+)
+@click.option(
+    "--allow-model-switch",
+    multiple=True,
+    metavar="NAME|PATH",
+    help="Also serve this model (repeatable): loaded at start, chosen by a request's "
+    "'model'. Requests can name no other model.",
+)
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    help="uvicorn's log level ('info' logs every request).",
+)
+def serve_command(**kwargs: Any) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with a strategy per request.
+
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+    GET /health, and a playground page at /. Requests choose their strategy with the
+    extra body fields "strategy" and "strategy_params"; each choice carries the layer of
+    every token under "layerdecode". SIGINT/SIGTERM finish the requests in flight, then
+    exit 0.
+    """
+    try:
+        import uvicorn
+
+        from layerdecode.serve import Engine, ServerConfig, create_app
+    except ImportError as e:
+        raise click.ClickException(
+            f"The server needs the 'serve' extra ({e.name} is missing): "
+            "pip install 'layerdecode[serve]'."
+        ) from None
+    from layerdecode import DEFAULT_MODEL
+    from layerdecode.serve.schemas import ApiError, resolve_request_strategy
+
+    try:  # a bad default fails now, not at the first request
+        resolve_request_strategy(kwargs["strategy"], None, "final")
+    except ApiError as e:
+        raise click.BadParameter(e.message, param_hint="'--strategy'") from None
+    host = kwargs["host"]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(
+            f"warning: serving on {host}: anyone who can reach it may use the model"
+            + ("" if kwargs["api_key"] else " (no --api-key set)"),
+            err=True,
+        )
+    names = list(dict.fromkeys([kwargs["model"] or DEFAULT_MODEL, *kwargs["allow_model_switch"]]))
+    models: dict[str, tuple[Any, Any]] = {}
+    aliases: dict[str, str] = {}
+    for name in names:  # a path is served under its folder or file name, not the whole path
+        model_id = Path(name).name if os.path.exists(name) else name
+        if model_id in models:
+            model_id = name
+        models[model_id] = load_model(name, kwargs["dtype"])
+        aliases[name] = model_id
+    model_id = next(iter(models))
+    config = ServerConfig(
+        aliases=aliases,
+        strategy=kwargs["strategy"],
+        max_tokens_limit=kwargs["max_tokens_limit"],
+        max_body_bytes=kwargs["max_body_bytes"],
+        api_key=kwargs["api_key"] or None,
+    )
+    engine = Engine(models, max_batch=kwargs["max_batch"], max_queue=kwargs["max_queue"])
+    app = create_app(engine, config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # drained on purpose: exit 0, do not re-raise
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=kwargs["port"],
+            log_level=kwargs["log_level"],
+            timeout_graceful_shutdown=600,
+        )
+    )
+    click.echo(
+        f"layerdecode: serving {model_id} on http://{_url_host(host)}:{kwargs['port']}", err=True
+    )
+    server.run()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

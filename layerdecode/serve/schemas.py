@@ -1,0 +1,206 @@
+"""Request bodies of the OpenAI-compatible endpoints, and the errors they answer.
+
+Requests are validated here, on the event loop, before anything is queued: a bad body
+is a 400 in OpenAI's error shape, never a traceback. Generation options come from
+:class:`~layerdecode.GenerationOptions`; the strategy may only be a registered strategy
+or a shipped preset name, never a file path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .. import ConfigError, GenerationOptions, list_strategies, resolve_strategy
+from ..config import preset_registry  # preset names, without reading every preset file
+from ..errors import did_you_mean
+
+ROLES = ("system", "developer", "user", "assistant")
+# GenerationOptions a request may set under their own names, beside OpenAI's fields.
+EXTRA_OPTIONS = ("top_k", "min_p", "repetition_penalty", "repetition_context_size")
+
+
+class ApiError(Exception):
+    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class CommonRequest(BaseModel):
+    """Fields both endpoints take. Unknown OpenAI fields are ignored, as front-ends send many."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    strategy: str | None = None
+    strategy_params: dict[str, Any] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_context_size: int | None = None
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatRequest(CommonRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def wanted_logprobs(self) -> int | None:
+        """How many alternatives per token to return (``None``: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    """``data`` validated as ``model``, or a 400 naming the first bad field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        param = str(err["loc"][0]) if err["loc"] else None
+        if err["type"] == "missing":
+            raise ApiError(400, f"Missing required field '{loc}'.", param=param) from None
+        raise ApiError(400, f"Invalid field '{loc}': {err['msg']}.", param=param) from None
+
+
+def check_messages(messages: list[Message]) -> list[dict[str, str]]:
+    """Chat messages as plain dicts; an unknown role is a 400."""
+    out = []
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}].role '{message.role}' is not supported: use one of "
+                f"{', '.join(ROLES)}.",
+                param="messages",
+            )
+        if message.content is None:
+            raise ApiError(400, f"messages[{i}] has no content.", param="messages")
+        role = "system" if message.role == "developer" else message.role
+        out.append({"role": role, "content": message.text()})
+    return out
+
+
+def resolve_request_strategy(name: str | None, params: dict[str, Any] | None, default: str):
+    """The request's strategy: a registered strategy or a shipped preset, by name only."""
+    name = name or default
+    known = sorted(set(list_strategies()) | set(preset_registry().names()))
+    if name not in known:
+        raise ApiError(
+            400,
+            f"Unknown strategy '{name}'.{did_you_mean(name, known)} Known: {', '.join(known)}."
+            " (Only registered strategy and shipped preset names are accepted, not files.)",
+            param="strategy",
+        )
+    try:
+        return resolve_strategy(name, params or None)
+    except ConfigError as e:
+        raise ApiError(400, str(e), param="strategy_params") from None
+
+
+def request_options(request: CommonRequest, resolved: Any, max_tokens_limit: int):
+    """The request's GenerationOptions over the strategy preset's, with the budget checked."""
+    if request.n != 1:
+        raise ApiError(400, f"n={request.n} is not supported: only n=1 is.", param="n")
+    budget = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else None
+    param = param or "max_tokens"
+    if budget is not None and budget <= 0:
+        raise ApiError(400, f"{param} must be a positive integer, got {budget}.", param=param)
+    if budget is not None and budget > max_tokens_limit:
+        raise ApiError(
+            400,
+            f"{param}={budget} exceeds this server's limit of {max_tokens_limit} tokens.",
+            param=param,
+        )
+    values = {
+        "temp": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "max_tokens": budget,
+        "stop": request.stop,
+        **{name: getattr(request, name) for name in EXTRA_OPTIONS},
+    }
+    try:
+        options = GenerationOptions.build(values).over(resolved.generation)
+    except ConfigError as e:
+        raise ApiError(400, str(e)) from None
+    limit = options.max_tokens_or_default()
+    if limit == -1 or limit > max_tokens_limit:
+        options = GenerationOptions.build(options, max_tokens=max_tokens_limit)
+    return options
