@@ -186,30 +186,17 @@ def _batch_steps(
 
     first = decoder.step(mx.array([p[-1] for p in prompts], dtype=mx.uint32), cache, histories)
     for out in pipelined(first, next_step, settle):
-        decision = out.decision
-        tokens = out.tokens.tolist()
-        layers = decision.layers.tolist()
-        entropies = decision.entropy.tolist()
-        extras = {k: v.tolist() for k, v in decision.extras.items()}
         rows = []
-        for i, row in enumerate(active):
+        for i, (row, (token, layer, entropy, extras)) in enumerate(
+            zip(active, out.read(), strict=True)
+        ):
             counts[row] += 1
             finish = None
-            if tokens[i] in stop:
+            if token in stop:
                 finish = "stop"
             elif counts[row] >= budgets[row]:
                 finish = "length"
-            rows.append(
-                RowStep(
-                    row,
-                    tokens[i],
-                    layers[i],
-                    entropies[i],
-                    {k: v[i] for k, v in extras.items()},
-                    finish,
-                    out.logprobs[i],
-                )
-            )
+            rows.append(RowStep(row, token, layer, entropy, extras, finish, out.logprobs[i]))
         yield rows
         ended[:] = [i for i, r in enumerate(rows) if r.finish_reason is not None]
 

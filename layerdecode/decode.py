@@ -45,6 +45,16 @@ class StepOutput(NamedTuple):
         d = self.decision
         return [self.tokens, self.logprobs, d.layers, d.entropy, *d.extras.values()]
 
+    def read(self) -> list[tuple[int, int, float, dict[str, int]]]:
+        """Per row, back on the host: (token, layer, entropy, extras). This waits for the step."""
+        d = self.decision
+        tokens, layers, entropies = self.tokens.tolist(), d.layers.tolist(), d.entropy.tolist()
+        extras = {k: v.tolist() for k, v in d.extras.items()}
+        return [
+            (tokens[i], layers[i], entropies[i], {k: v[i] for k, v in extras.items()})
+            for i in range(len(tokens))
+        ]
+
     def take(self, rows: mx.array) -> StepOutput:
         """The same step restricted to ``rows`` (indices into the current rows)."""
         d = self.decision

@@ -58,3 +58,12 @@ def exp_shifted(x: mx.array) -> mx.array:
     if mx.default_device() == mx.cpu:
         return _compiled_cpu_exp()(x)
     return mx.exp(x)
+
+
+def softmax_and_log(x: mx.array) -> tuple[mx.array, mx.array]:
+    """Probabilities and log-probabilities over the last axis, in float32, one exp per element."""
+    shifted = x.astype(mx.float32)
+    shifted = shifted - mx.max(shifted, axis=-1, keepdims=True)
+    weights = exp_shifted(shifted)
+    total = mx.sum(weights, axis=-1, keepdims=True)
+    return weights / total, shifted - mx.log(total)

@@ -168,19 +168,15 @@ class LiveBatch:
         return out
 
     def _read(self, out: StepOutput, rows: list[_LiveRow]) -> list[LiveToken]:
-        decision = out.decision
-        tokens = out.tokens.tolist()
-        layers = decision.layers.tolist()
-        entropies = decision.entropy.tolist()
-        extras = {k: v.tolist() for k, v in decision.extras.items()}
         responses = []
-        for i, row in enumerate(rows):
+        for i, (row, (token, layer, entropy, extras)) in enumerate(
+            zip(rows, out.read(), strict=True)
+        ):
             if row.done:  # cancelled while this step ran
                 continue
-            segment, finish = row.output.feed(tokens[i])
+            segment, finish = row.output.feed(token)
             row.done = finish is not None
-            extra = {k: v[i] for k, v in extras.items()}
-            step = Step(tokens[i], layers[i], entropies[i], out.logprobs[i], extra)
+            step = Step(token, layer, entropy, out.logprobs[i], extras)
             response = make_response(
                 segment,
                 step,

@@ -12,6 +12,13 @@ from .console import load_model
 from .options import CONTEXT_SETTINGS, model_options
 
 
+def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1) -> Any:
+    """A bounded integer limit of the server, shown with its default."""
+    return click.option(
+        flag, default=default, show_default=True, type=click.IntRange(low, high), help=help
+    )
+
+
 @click.command(
     "serve", context_settings=CONTEXT_SETTINGS, short_help="Serve an OpenAI-compatible API."
 )
@@ -32,34 +39,21 @@ from .options import CONTEXT_SETTINGS, model_options
     type=click.IntRange(0, 65535),
     help="Port to listen on.",
 )
-@click.option(
-    "--max-batch",
-    default=16,
-    show_default=True,
-    type=click.IntRange(1, 1024),
-    help="Requests decoded at once; more wait in the queue.",
-)
-@click.option(
+@limit_option("--max-batch", 16, 1024, "Requests decoded at once; more wait in the queue.")
+@limit_option(
     "--max-queue",
-    default=64,
-    show_default=True,
-    type=click.IntRange(0, 100_000),
-    help="Requests that may wait; beyond that the server answers 429 with Retry-After.",
+    64,
+    100_000,
+    "Requests that may wait; beyond that the server answers 429 with Retry-After.",
+    low=0,
 )
-@click.option(
+@limit_option(
     "--max-tokens-limit",
-    default=4096,
-    show_default=True,
-    type=click.IntRange(1, 1_000_000),
-    help="The largest max_tokens a request may ask for (also the cap of requests without one).",
+    4096,
+    1_000_000,
+    "The largest max_tokens a request may ask for (also the cap of requests without one).",
 )
-@click.option(
-    "--max-body-bytes",
-    default=1_000_000,
-    show_default=True,
-    type=click.IntRange(1, 1 << 30),
-    help="Larger request bodies are answered 413.",
-)
+@limit_option("--max-body-bytes", 1_000_000, 1 << 30, "Larger request bodies are answered 413.")
 @click.option(
     "--api-key",
     envvar="LAYERDECODE_API_KEY",

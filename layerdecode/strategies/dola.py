@@ -15,15 +15,15 @@ import math
 from typing import Literal
 
 import mlx.core as mx
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ..errors import ConfigError
-from ..fastmath import exp_shifted
-from ..strategy import Decision, ModelFacts, Strategy, StrategyParams
-from ..view import EMBEDDINGS, Exit, LayerView
+from ..fastmath import softmax_and_log
+from ..strategy import Decision, ModelFacts
+from ..view import LayerView
+from .premature import PrematureLayersStrategy, PrematureParams, checked_hf_layers
 
 
-class DoLaParams(StrategyParams):
+class DoLaParams(PrematureParams):
     layers: Literal["high", "low"] | list[int] = Field(
         "high",
         description="Candidate premature layers: 'high', 'low' or a list, in HF's numbering "
@@ -42,25 +42,12 @@ class DoLaParams(StrategyParams):
         "the raw hidden state).",
     )
 
-    @field_validator("layers")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one premature layer")
-        return value
-
 
 def candidate_layers(spec, num_layers: int, tied_embeddings: bool) -> list[int]:
     """HF's candidate premature layers (HF numbering) for a model of ``num_layers`` layers."""
     n = num_layers
     if isinstance(spec, list):
-        bad = [i for i in spec if not 0 <= i < n]
-        if bad:
-            raise ConfigError(
-                f"dola: premature layers {bad} are out of range; in HF numbering a model with "
-                f"{n} decoder layers has premature layers 0..{n - 1} (0 = embedding output)."
-            )
-        return sorted(set(spec), key=spec.index)
+        return checked_hf_layers("dola", spec, n)
     if not tied_embeddings:
         start = 0
     elif n > 2:
@@ -81,46 +68,23 @@ def _log_softmax(x: mx.array) -> mx.array:
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def _softmax_and_log(x: mx.array) -> tuple[mx.array, mx.array]:
-    """Probabilities and log-probabilities over the last axis with one exp per element."""
-    shifted = x.astype(mx.float32)
-    shifted = shifted - mx.max(shifted, axis=-1, keepdims=True)
-    weights = exp_shifted(shifted)
-    total = mx.sum(weights, axis=-1, keepdims=True)
-    return weights / total, shifted - mx.log(total)
-
-
-class DoLaStrategy(Strategy):
+class DoLaStrategy(PrematureLayersStrategy):
     name = "dola"
     description = "DoLa: contrast the final layer with the most divergent earlier layer (HF)."
     Params = DoLaParams
 
-    def prepare(self, model: ModelFacts) -> None:
-        super().prepare(model)
-        hf_layers = candidate_layers(self.params.layers, model.num_layers, model.tied_embeddings)
-        if not hf_layers:
-            raise ConfigError(
-                f"dola: layers={self.params.layers!r} selects no premature layer for a model "
-                f"with {model.num_layers} decoder layers; list the layers explicitly."
-            )
-        # HF index i is the output of decoder layer i - 1 (0-based); 0 is the embeddings.
-        self.premature = [i - 1 if i > 0 else EMBEDDINGS for i in hf_layers]
-
-    def exits(self) -> list[Exit]:
-        norm = self.params.premature_norm
-        return [Exit(layer, norm=norm) for layer in self.premature] + [
-            Exit(self.model.num_layers - 1)
-        ]
+    def hf_layers(self, model: ModelFacts) -> list[int]:
+        return candidate_layers(self.params.layers, model.num_layers, model.tied_embeddings)
 
     def select(self, view: LayerView) -> Decision:
         norm = self.params.premature_norm
         final = view.final_layer
-        final_p, final_lp = _softmax_and_log(view.logits(final))
+        final_p, final_lp = softmax_and_log(view.logits(final))
         if len(self.premature) == 1:
             chosen = mx.zeros((view.batch_size,), dtype=mx.int32)
             base_lp = _log_softmax(view.logits(self.premature[0], norm=norm))
         else:
-            premature_p, premature_lp = _softmax_and_log(
+            premature_p, premature_lp = softmax_and_log(
                 view.stack_logits(self.premature, norm=norm)
             )
             divergence = self._js_divergence(final_p, final_lp, premature_p, premature_lp)

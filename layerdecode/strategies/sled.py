@@ -17,17 +17,17 @@ from __future__ import annotations
 from typing import Literal
 
 import mlx.core as mx
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ..errors import ConfigError
-from ..fastmath import exp_shifted
-from ..strategy import Decision, ModelFacts, Strategy, StrategyParams
-from ..view import EMBEDDINGS, Exit, LayerView
+from ..fastmath import softmax_and_log
+from ..strategy import Decision, ModelFacts
+from ..view import LayerView
+from .premature import PrematureLayersStrategy, PrematureParams, checked_hf_layers
 
 _EPS = 1e-8  # torch's cosine_similarity guard against a zero-length vector
 
 
-class SledParams(StrategyParams):
+class SledParams(PrematureParams):
     layers: Literal["all"] | list[int] = Field(
         "all",
         description="Candidate premature layers in HF's numbering (0 = embedding output, i = "
@@ -51,44 +51,17 @@ class SledParams(StrategyParams):
         "applies the head to the raw hidden state).",
     )
 
-    @field_validator("layers")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one premature layer")
-        return value
 
-
-def _softmax(x: mx.array) -> mx.array:
-    shifted = x - mx.max(x, axis=-1, keepdims=True)
-    weights = exp_shifted(shifted)
-    return weights / mx.sum(weights, axis=-1, keepdims=True)
-
-
-class SledStrategy(Strategy):
+class SledStrategy(PrematureLayersStrategy):
     name = "sled"
     description = "SLED: evolve the final logits towards what the earlier layers point at."
     Params = SledParams
 
-    def prepare(self, model: ModelFacts) -> None:
-        super().prepare(model)
-        n = model.num_layers
+    def hf_layers(self, model: ModelFacts) -> list[int]:
         spec = self.params.layers
-        hf_layers = list(range(n)) if spec == "all" else sorted(set(spec), key=spec.index)
-        bad = [i for i in hf_layers if not 0 <= i < n]
-        if bad:
-            raise ConfigError(
-                f"sled: premature layers {bad} are out of range; in HF numbering a model with "
-                f"{n} decoder layers has premature layers 0..{n - 1} (0 = embedding output)."
-            )
-        # HF index i is the output of decoder layer i - 1 (0-based); 0 is the embeddings.
-        self.premature = [i - 1 if i > 0 else EMBEDDINGS for i in hf_layers]
-
-    def exits(self) -> list[Exit]:
-        norm = self.params.premature_norm
-        return [Exit(layer, norm=norm) for layer in self.premature] + [
-            Exit(self.model.num_layers - 1)
-        ]
+        if spec == "all":
+            return list(range(model.num_layers))
+        return checked_hf_layers("sled", spec, model.num_layers)
 
     def select(self, view: LayerView) -> Decision:
         p = self.params
@@ -96,14 +69,14 @@ class SledStrategy(Strategy):
         premature = view.stack_logits(self.premature, norm=p.premature_norm)
         premature = premature.astype(mx.float32)  # (L, B, V)
         k = min(p.evolution_scale, final.shape[-1])
-        final_p = _softmax(final)
+        final_p = softmax_and_log(final)[0]
         top = mx.argpartition(-final, kth=k - 1, axis=-1)[:, :k]  # (B, k) candidates
 
         # Cosine between each layer's divergence d = premature - final and the gradient
         # g_j = softmax(premature) - onehot(candidate j), without building g_j:
         # g_j . d = s . d - d[j] and |g_j|^2 = |s|^2 - 2 s[j] + 1.
         divergence = premature - final[None]
-        soft = _softmax(premature)
+        soft = softmax_and_log(premature)[0]
         cols = mx.broadcast_to(top[None], (premature.shape[0], *top.shape))
         d_top = mx.take_along_axis(divergence, cols, axis=-1)  # (L, B, k)
         s_top = mx.take_along_axis(soft, cols, axis=-1)
