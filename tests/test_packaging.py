@@ -73,7 +73,9 @@ def builtin_strategy_classes() -> dict[str, type]:
         module = import_module(f"layerdecode.strategies.{path.stem}")
         for obj in vars(module).values():
             defined_here = getattr(obj, "__module__", None) == module.__name__
-            if defined_here and inspect.isclass(obj) and issubclass(obj, Strategy):
+            # A class without a name is a shared base (premature.py), not a strategy to register.
+            named = getattr(obj, "name", "")
+            if defined_here and inspect.isclass(obj) and issubclass(obj, Strategy) and named:
                 found[f"{obj.__module__}:{obj.__qualname__}"] = obj
     return found
 
