@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,11 @@ def serve_command(**kwargs: Any) -> None:
         f"layerdecode: serving {model_id} on http://{_url_host(host)}:{kwargs['port']}", err=True
     )
     server.run()
+    # The requests in flight are drained by now. Leave without the interpreter's teardown: it
+    # can race MLX's native worker threads and abort the process (seen once as SIGABRT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _url_host(host: str) -> str:
