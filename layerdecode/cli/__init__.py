@@ -18,6 +18,7 @@ from .. import __version__
 from .catalog import models, strategies
 from .console import EXIT_INTERRUPTED, say_error
 from .evaluate import eval_command, report_command
+from .harness import lm_eval_command
 from .options import CONTEXT_SETTINGS
 from .run import compare_command, generate_command, inspect_command
 from .serve import serve_command
@@ -104,6 +105,7 @@ for _command in (
     strategies,
     models,
     serve_command,
+    lm_eval_command,
 ):
     cli.add_command(_command)
 
