@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .console import echo_json, load_model, stderr_console, stdout_console, usage
+from .console import echo_json, stderr_console, stdout_console, usage
 from .options import (
     CONTEXT_SETTINGS,
     batch_size_option,
@@ -20,6 +20,11 @@ from .options import (
     strategy_list,
     summary_output_options,
 )
+from .run import load_for
+
+if TYPE_CHECKING:
+    from layerdecode.distributed import ProcessGroup
+    from layerdecode.eval.runner import EvalPlan
 
 
 @click.command("eval", context_settings=CONTEXT_SETTINGS, short_help="Score strategies on a task.")
@@ -73,6 +78,15 @@ from .options import (
 @click.option(
     "--resume", is_flag=True, help="Continue the results file given with --out where it stopped."
 )
+@click.option(
+    "--distributed",
+    metavar="data|tensor",
+    envvar="LAYERDECODE_DISTRIBUTED",
+    show_envvar=True,
+    help="Under mlx.launch: 'data' gives each rank the whole model and a share of the "
+    "items; 'tensor' splits the model across the ranks, which decode in lockstep. Rank 0 "
+    "writes the results either way (see docs/distributed.md). [default: data]",
+)
 @summary_output_options
 def eval_command(**kwargs: Any) -> None:
     """Measure strategies on reasoning data: accuracy, paired comparison, layers, loops.
@@ -86,18 +100,8 @@ def eval_command(**kwargs: Any) -> None:
     """
     import datetime
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from layerdecode import DEFAULT_MODEL, plan_eval, run_eval
-    from layerdecode.plots import plot_summary
-    from layerdecode.render import render_summary
+    from layerdecode import DEFAULT_MODEL, plan_eval
+    from layerdecode.distributed import init
 
     if kwargs["resume"] and not kwargs["out"]:
         raise usage("--resume needs --out: the results file to continue.")
@@ -119,7 +123,26 @@ def eval_command(**kwargs: Any) -> None:
     )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = kwargs["out"] or f"eval-{kwargs['task']}-{stamp}.jsonl"
-    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
+    group = init(kwargs["distributed"])
+    with group.running():
+        _run(kwargs, plan, out, group)
+
+
+def _run(kwargs: dict[str, Any], plan: EvalPlan, out: str, group: ProcessGroup) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from layerdecode import run_eval
+    from layerdecode.plots import plot_summary
+    from layerdecode.render import render_summary
+
+    model, tokenizer = load_for(kwargs, group)
     err = stderr_console()
     columns = (
         TextColumn("{task.description}"),
@@ -129,7 +152,7 @@ def eval_command(**kwargs: Any) -> None:
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err, transient=True, disable=not group.is_main) as progress:
         bar = progress.add_task("eval", total=len(plan.items) * len(plan.strategies))
 
         def advance(done: int, total: int, strategy: str) -> None:
@@ -143,7 +166,10 @@ def eval_command(**kwargs: Any) -> None:
             resume=kwargs["resume"],
             batch_size=kwargs["batch_size"],
             progress=advance,
+            group=group,
         )
+    if summary is None or store is None:  # a rank other than 0: rank 0 reports
+        return
     if store.dropped_bytes:
         err.print(f"recovered {out}: dropped an incomplete last record ({store.dropped_bytes} B)")
     if kwargs["plot"]:

@@ -34,7 +34,10 @@ from .options import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from layerdecode import GenerationOptions, GenerationResult, ResolvedStrategy
+    from layerdecode.distributed import ProcessGroup
 
 
 @click.command(
@@ -64,23 +67,37 @@ def generate_command(**kwargs: Any) -> None:
     Generation options left unset take the preset's defaults.
     """
     from layerdecode import DEFAULT_MODEL, build_prompt
+    from layerdecode.distributed import init
 
     check_system(kwargs["system"], kwargs["raw"])
     resolved = resolve(kwargs["strategy"], kwargs["params"])
     options = chosen_options(kwargs)
     text = read_prompt(kwargs["prompt"])
-    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
-    prompt = build_prompt(tokenizer, text, system=kwargs["system"], chat=not kwargs["raw"])
-    run_generate(
-        model,
-        tokenizer,
-        prompt,
-        resolved,
-        options,
-        as_json=kwargs["as_json"],
-        show_layers=kwargs["show_layers"],
-        model_name=kwargs["model"] or DEFAULT_MODEL,
-    )
+    group = init("tensor")
+    with group.running():
+        model, tokenizer = load_for(kwargs, group)
+        prompt = build_prompt(tokenizer, text, system=kwargs["system"], chat=not kwargs["raw"])
+        with group.watch("generating"):
+            run_generate(
+                model,
+                tokenizer,
+                prompt,
+                resolved,
+                options,
+                as_json=kwargs["as_json"],
+                show_layers=kwargs["show_layers"],
+                model_name=kwargs["model"] or DEFAULT_MODEL,
+                on_token=group.beat,
+            )
+
+
+def load_for(kwargs: dict[str, Any], group: ProcessGroup) -> tuple[Any, Any]:
+    """The model of ``--model``/``--dtype``: this rank's slice under a tensor group."""
+    if not group.tensor:
+        return load_model(kwargs["model"], kwargs["dtype"])
+    from layerdecode import load
+
+    return load(kwargs["model"], dtype=kwargs["dtype"], group=group)
 
 
 def run_generate(
@@ -93,8 +110,11 @@ def run_generate(
     as_json: bool,
     show_layers: bool,
     model_name: str,
+    on_token: Callable[[], None] | None = None,
 ) -> None:
-    """Stream one generation to stdout; Ctrl-C keeps what was generated and exits 130."""
+    """Stream one generation to stdout; Ctrl-C keeps what was generated and exits 130.
+
+    ``on_token`` is called after every token (the distributed watchdog's heartbeat)."""
     from rich.text import Text
 
     from layerdecode import ResultCollector, stream_generate
@@ -108,6 +128,8 @@ def run_generate(
             model, tokenizer, prompt, strategy=resolved, options=options
         ):
             collector.add(response)
+            if on_token is not None:
+                on_token()
             if as_json or not response.text:
                 continue
             if show_layers:
@@ -170,6 +192,7 @@ def compare_command(**kwargs: Any) -> None:
     from rich.progress import Progress
 
     from layerdecode import batch_generate, build_prompt, resolve_strategy
+    from layerdecode.distributed import init
 
     check_system(kwargs["system"], kwargs["raw"])
     resolved = [resolve_strategy(spec) for spec in strategy_list(kwargs["strategies"])]
@@ -179,29 +202,38 @@ def compare_command(**kwargs: Any) -> None:
         texts += read_prompts_file(kwargs["prompts_file"])
     if not texts:
         texts = [read_prompt(None)]
-    model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
-    chat = not kwargs["raw"]
-    prompts = [build_prompt(tokenizer, t, system=kwargs["system"], chat=chat) for t in texts]
-    labels = unique_labels([r.label for r in resolved])
-    per_strategy = []
-    with Progress(console=stderr_console(), transient=True, disable=len(prompts) < 2) as bar:
-        task = bar.add_task("comparing", total=len(prompts) * len(resolved))
-        for i, (label, strategy) in enumerate(zip(labels, resolved, strict=True)):
-            bar.update(task, description=label)
-            results, _stats = batch_generate(
-                model,
-                tokenizer,
-                prompts,
-                strategy=strategy,
-                options=options,
-                batch_size=kwargs["batch_size"],
-                progress=lambda done, _total, base=i * len(prompts): bar.update(
-                    task, completed=base + done
-                ),
-            )
-            per_strategy.append(results)
-    per_prompt = [list(row) for row in zip(*per_strategy, strict=True)]
-    show_comparison(texts, labels, per_prompt, as_json=kwargs["as_json"])
+    group = init("tensor")
+    with group.running():
+        model, tokenizer = load_for(kwargs, group)
+        chat = not kwargs["raw"]
+        prompts = [build_prompt(tokenizer, t, system=kwargs["system"], chat=chat) for t in texts]
+        labels = unique_labels([r.label for r in resolved])
+        per_strategy = []
+        quiet = len(prompts) < 2 or not group.is_main
+        with (
+            Progress(console=stderr_console(), transient=True, disable=quiet) as bar,
+            group.watch("comparing"),
+        ):
+            task = bar.add_task("comparing", total=len(prompts) * len(resolved))
+            for i, (label, strategy) in enumerate(zip(labels, resolved, strict=True)):
+                bar.update(task, description=label)
+
+                def advance(done: int, _total: int, base: int = i * len(prompts)) -> None:
+                    group.beat()
+                    bar.update(task, completed=base + done)
+
+                results, _stats = batch_generate(
+                    model,
+                    tokenizer,
+                    prompts,
+                    strategy=strategy,
+                    options=options,
+                    batch_size=kwargs["batch_size"],
+                    progress=advance,
+                )
+                per_strategy.append(results)
+        per_prompt = [list(row) for row in zip(*per_strategy, strict=True)]
+        show_comparison(texts, labels, per_prompt, as_json=kwargs["as_json"])
 
 
 def unique_labels(labels: list[str]) -> list[str]:
@@ -300,9 +332,11 @@ def inspect_command(**kwargs: Any) -> None:
         inspect_generation,
         parse_layer_spec,
     )
+    from layerdecode.distributed import refuse_launched
     from layerdecode.plots import lens_html, plot_lens
     from layerdecode.render import lens_grid, lens_table
 
+    refuse_launched("inspect")
     check_system(kwargs["system"], kwargs["raw"])
     resolved = resolve(kwargs["strategy"], kwargs["params"])
     options = chosen_options(kwargs)

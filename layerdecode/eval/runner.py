@@ -7,11 +7,13 @@ the results file as soon as it is done; a resumed run skips the pairs already th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..distributed import ProcessGroup
 from ..errors import ConfigError
 from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
 from ..prompts import build_prompt
@@ -105,70 +107,128 @@ def run_eval(
     resume: bool = False,
     batch_size: int = 8,
     progress: Callable[[int, int, str], None] | None = None,
-) -> tuple[Summary, ResultsStore]:
+    group: ProcessGroup | None = None,
+) -> tuple[Summary | None, ResultsStore | None]:
     """Generate and score every pending (item, strategy) pair; return the summary.
 
     ``progress`` is called with (pairs done, pairs in total, strategy) as pairs finish.
+    Under a :class:`~layerdecode.distributed.ProcessGroup` of several ranks, rank 0 alone
+    opens and writes ``out`` and tells the others what is pending; in ``data`` mode each
+    rank decodes its share of the item chunks and rank 0 writes every rank's records in
+    item order after each round. Ranks other than 0 return ``(None, None)``.
     """
-    from ..batch import batch_generate
-
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+    group = group or ProcessGroup()
+    store = ResultsStore.open(out, plan.config, resume=resume) if group.is_main else None
+    try:
+        _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress)
+        if store is None:
+            return None, None
+        return summarize(store.records, plan.config.strategy_names), store
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress) -> None:
+    names = list(plan.strategies)
+    keys = [(item.id, name) for item in plan.items for name in names]
+    # Rank 0 holds the results file: it says which pairs are still to run.
+    mask = group.broadcast(bytes(not store.is_done(*key) for key in keys) if store else None)
+    pending = {key for key, todo in zip(keys, mask, strict=True) if todo}
+    total, done = len(keys), len(keys) - len(pending)
+    if progress is not None and store is not None:
+        progress(done, total, "")
+    # Items go in chunks, each run through every strategy before the next chunk, so an
+    # interrupted run already holds paired results for every strategy. Under data
+    # parallelism the k-th chunk with pending pairs goes to rank k % shares, and each
+    # round ends with a gather.
+    every = [
+        plan.items[start : start + batch_size] for start in range(0, len(plan.items), batch_size)
+    ]
+    chunks = [c for c in every if any((i.id, n) in pending for i in c for n in names)]
+    order = {key: i for i, key in enumerate(keys)}
+    for first in range(0, len(chunks), group.shares):
+        index = first + group.share
+        chunk = chunks[index] if index < len(chunks) else []
+        streaming = group.shares == 1
+        records: list[EvalRecord] = []
+
+        def keep(record: EvalRecord, streaming=streaming, records=records) -> None:
+            nonlocal done
+            group.beat()
+            if not streaming:
+                records.append(record)
+            elif store is not None:
+                store.append(record)
+                done += 1
+                if progress is not None:
+                    progress(done, total, record.strategy)
+
+        with group.watch("decoding") if group.tensor else nullcontext():
+            _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size)
+        if streaming:
+            continue
+        gathered = group.gather("".join(r.model_dump_json() + "\n" for r in records).encode())
+        if store is None or gathered is None:
+            continue
+        arrived = [
+            EvalRecord.model_validate_json(line)
+            for payload in gathered
+            for line in payload.decode().splitlines()
+        ]
+        for record in sorted(arrived, key=lambda r: order[r.key]):
+            store.append(record)
+            done += 1
+            if progress is not None:
+                progress(done, total, record.strategy)
+
+
+def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) -> None:
+    """Every pending (item, strategy) pair of ``chunk``, batched per strategy."""
+    from ..batch import batch_generate
+
     task = plan.task
-    with ResultsStore.open(out, plan.config, resume=resume) as store:
-        total = len(plan.items) * len(plan.strategies)
-        done = sum(store.is_done(item.id, name) for item in plan.items for name in plan.strategies)
-        if progress is not None:
-            progress(done, total, "")
-        # Items go in chunks, each run through every strategy before the next chunk, so an
-        # interrupted run already holds paired results for every strategy.
-        for start in range(0, len(plan.items), batch_size):
-            chunk = plan.items[start : start + batch_size]
-            for name, resolved in plan.strategies.items():
-                pending = [item for item in chunk if not store.is_done(item.id, name)]
-                if not pending:
-                    continue
-                prompts = [_prompt_ids(tokenizer, item, plan.chat) for item in pending]
-                started = datetime.now(timezone.utc)
+    for name, resolved in plan.strategies.items():
+        todo = [item for item in chunk if (item.id, name) in pending]
+        if not todo:
+            continue
+        prompts = [_prompt_ids(tokenizer, item, plan.chat) for item in todo]
+        started = datetime.now(timezone.utc)
 
-                def record(index: int, result, name=name, pending=pending, started=started):
-                    nonlocal done
-                    item = pending[index]
-                    score = task.score(result.text, item)
-                    store.append(
-                        EvalRecord(
-                            item_id=item.id,
-                            strategy=name,
-                            prompt=item.prompt if plan.chat else item.prompt_text,
-                            output=result.text,
-                            extracted=score.extracted,
-                            gold=item.gold,
-                            correct=score.correct,
-                            n_tokens=len(result.tokens),
-                            prompt_tokens=len(result.prompt_tokens),
-                            tokens_per_sec=result.generation_tps,
-                            hit_token_limit=result.finish_reason == "length",
-                            layers=result.layers,
-                            final_layer=result.num_layers - 1,
-                            started_at=started,
-                            finished_at=datetime.now(timezone.utc),
-                        )
-                    )
-                    done += 1
-                    if progress is not None:
-                        progress(done, total, name)
-
-                batch_generate(
-                    model_obj,
-                    tokenizer,
-                    prompts,
-                    strategy=resolved,
-                    batch_size=batch_size,
-                    on_result=record,
-                    options=plan.options,
+        def record(index: int, result, name=name, todo=todo, started=started):
+            item = todo[index]
+            score = task.score(result.text, item)
+            keep(
+                EvalRecord(
+                    item_id=item.id,
+                    strategy=name,
+                    prompt=item.prompt if plan.chat else item.prompt_text,
+                    output=result.text,
+                    extracted=score.extracted,
+                    gold=item.gold,
+                    correct=score.correct,
+                    n_tokens=len(result.tokens),
+                    prompt_tokens=len(result.prompt_tokens),
+                    tokens_per_sec=result.generation_tps,
+                    hit_token_limit=result.finish_reason == "length",
+                    layers=result.layers,
+                    final_layer=result.num_layers - 1,
+                    started_at=started,
+                    finished_at=datetime.now(timezone.utc),
                 )
-        summary = summarize(store.records, plan.config.strategy_names)
-    return summary, store
+            )
+
+        batch_generate(
+            model_obj,
+            tokenizer,
+            prompts,
+            strategy=resolved,
+            batch_size=batch_size,
+            on_result=record,
+            options=plan.options,
+        )
 
 
 def evaluate(
@@ -183,8 +243,9 @@ def evaluate(
     resume: bool = False,
     batch_size: int = 8,
     progress: Callable[[int, int, str], None] | None = None,
+    group: ProcessGroup | None = None,
     **plan_options: Any,
-) -> Summary:
+) -> Summary | None:
     """Run ``strategies`` on a task's data file, like ``layerdecode eval``; return the summary.
 
     ``model`` is a name or path, loaded with :func:`layerdecode.load`, or a model already
@@ -197,6 +258,8 @@ def evaluate(
     :class:`~layerdecode.options.GenerationOptions`) or generation options as keywords
     (``temp``, ``top_p``, ``seed``, ``stop``, ...), which apply to every strategy; greedy,
     at most 256 new tokens by default. Everything is checked before the model is loaded.
+    ``group`` (see :func:`layerdecode.distributed.init`) runs the eval on several ranks;
+    ranks other than 0 return None.
     """
     by_name = isinstance(model, (str, Path))
     if by_name:
@@ -212,8 +275,15 @@ def evaluate(
     if by_name:
         from ..loading import load
 
-        model, tokenizer = load(model)
+        model, tokenizer = load(model, group=group)
     summary, _ = run_eval(
-        model, tokenizer, plan, out, resume=resume, batch_size=batch_size, progress=progress
+        model,
+        tokenizer,
+        plan,
+        out,
+        resume=resume,
+        batch_size=batch_size,
+        progress=progress,
+        group=group,
     )
     return summary
