@@ -167,18 +167,21 @@ class ProcessGroup:
 
         Under ``tensor`` the ranks hold the same results, so rank 0 keeps its own.
         """
+        rows = self.exchange(data)
+        return rows if self.is_main else None
+
+    def exchange(self, data: bytes) -> list[bytes]:
+        """Every share's ``data`` in rank order, on every rank (``[data]`` with one share)."""
         if self.shares == 1:
-            return [data] if self.is_main else None
+            return [data]
         import mlx.core as mx
 
         with self.watch("gathering results"):
             lengths = self._all_gather(mx.array([len(data)], dtype=mx.int64)).tolist()
             width = max(lengths)
             if width == 0:
-                return [b""] * self.size if self.is_main else None
+                return [b""] * self.size
             rows = self._all_gather(_to_array(data.ljust(width, b"\0")))
-        if not self.is_main:
-            return None
         rows = rows.reshape(self.size, width)
         return [_to_bytes(row[:n]) for row, n in zip(rows, lengths, strict=True)]
 

@@ -2,12 +2,16 @@
 
 lm-eval finds models by registration at import time, so this command imports
 ``layerdecode.harness`` and hands every argument to lm-eval's entry point unchanged (see
-docs/lm-eval.md).
+docs/lm-eval.md). Under ``mlx.launch`` every rank runs lm-eval, the model shares the
+requests out, and only rank 0 keeps the results: it alone writes and prints them.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
@@ -58,9 +62,34 @@ def lm_eval_command(args: tuple[str, ...]) -> None:
     argv = lm_eval_argv(list(args))
     if argv[-1] == "--help":
         click.echo("layerdecode lm-eval: lm-eval's command line with the 'layerdecode' model.\n")
+    from layerdecode.distributed import init
+
+    group = init()  # the model itself refuses a split model, on rank 0 alone
     saved = sys.argv
     sys.argv = argv
     try:
-        cli_evaluate()
+        with group.running(), _results_on_rank_zero(group.is_main):
+            cli_evaluate()
     finally:
         sys.argv = saved
+
+
+@contextmanager
+def _results_on_rank_zero(is_main: bool) -> Iterator[None]:
+    """On ranks other than 0, lm-eval's evaluation returns None, as it does for those ranks
+    under its own launchers, so its command line writes, prints and uploads nothing there."""
+    if is_main:
+        yield
+        return
+    from lm_eval import evaluator
+
+    evaluate = evaluator.simple_evaluate
+
+    def evaluate_silently(*args: Any, **kwargs: Any) -> None:
+        evaluate(*args, **kwargs)
+
+    evaluator.simple_evaluate = evaluate_silently
+    try:
+        yield
+    finally:
+        evaluator.simple_evaluate = evaluate

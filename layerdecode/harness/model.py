@@ -25,6 +25,7 @@ from lm_eval.api.registry import register_model
 from mlx_lm.models.cache import make_prompt_cache
 
 from .args import DEFAULT_MAX_TOKENS, HarnessArgs, parse_model_args
+from .ranks import join, shared
 from .scoring import PositionScorer
 
 # A child of lm-eval's logger, so its level and handlers (LMEVAL_LOG_LEVEL) apply.
@@ -49,6 +50,9 @@ class LayerdecodeLM(LM):
     ``model_args`` (all optional): ``model``, ``strategy``, the strategy's params (lists
     as ``16:18:20``), ``dtype``, ``batch_size``, ``max_tokens``, ``add_special_tokens``,
     ``masked_logprob``, ``score_chunk``; see ``docs/lm-eval.md``.
+
+    Started by ``mlx.launch``, every rank computes its share of the requests and returns
+    all the results (:mod:`layerdecode.harness.ranks`); ``group`` is this rank's place.
     """
 
     def __init__(self, **model_args: Any) -> None:
@@ -56,6 +60,7 @@ class LayerdecodeLM(LM):
         from layerdecode import load, resolve_strategy
 
         self.args: HarnessArgs = parse_model_args(model_args)
+        self.group = join()
         self.resolved = resolve_strategy(self.args.strategy, self.args.params)
         self._model, self.tokenizer = load(self.args.model, dtype=self.args.dtype)
         if self.args.add_special_tokens is None:
@@ -117,23 +122,36 @@ class LayerdecodeLM(LM):
         for index, request in enumerate(requests):
             context, continuation = request.args
             groups.setdefault(context, []).append((index, continuation))
+        items = list(groups.items())
+        size = self.args.batch_size
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
+        done = shared(self.group, requests, chunks, self._score_contexts, "loglikelihood")
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for chunk, scored in zip(chunks, done, strict=True):
+            indices = [index for _, members in chunk for index, _ in members]
+            for index, (score, greedy) in zip(indices, scored, strict=True):
+                results[index] = (score, greedy)
+        return results
+
+    def _score_contexts(
+        self, chunk: list[tuple[str, list[tuple[int, str]]]]
+    ) -> list[tuple[float, bool]]:
+        """Scores of every continuation of each context in ``chunk``, in order."""
+        out: list[tuple[float, bool]] = []
         limit = self.args.max_tokens or DEFAULT_MAX_TOKENS
-        for context, members in _progress(groups.items(), "loglikelihood"):
+        for context, members in chunk:
             prefix = self._encode(context)
             sequences = [self._encode(context + continuation) for _, continuation in members]
             # Keep the longest sequence within ``limit`` tokens by dropping the oldest context.
             cut = max(0, max(map(len, sequences)) - limit - 1)
             kept = max(len(prefix) - cut, 0)
             if kept == 0:
-                for index, _ in members:
-                    results[index] = (-float("inf"), False)
+                out.extend([(-float("inf"), False)] * len(members))
                 continue
             start = len(prefix)
             first, cache = self._prefix(prefix[len(prefix) - kept :])
-            for (index, _), sequence in zip(members, sequences, strict=True):
-                results[index] = self._continuation(first, cache, sequence[start:])
-        return results
+            out.extend(self._continuation(first, cache, s[start:]) for s in sequences)
+        return out
 
     def _prefix(self, prefix: list[int]) -> tuple[mx.array, list[Any]]:
         """Run the context; return the log-probabilities after it and its cache."""
@@ -181,10 +199,9 @@ class LayerdecodeLM(LM):
         """Log-likelihood of each whole text (every token after the first), under the strategy."""
         encoded = [self._encode(request.args[0]) for request in requests]
         size = self.args.batch_size
-        out: list[float] = []
-        for start in _progress(range(0, len(encoded), size), "loglikelihood_rolling"):
-            out.extend(self._rolling_batch(encoded[start : start + size]))
-        return out
+        chunks = [encoded[start : start + size] for start in range(0, len(encoded), size)]
+        done = shared(self.group, requests, chunks, self._rolling_batch, "loglikelihood_rolling")
+        return [score for scores in done for score in scores]
 
     def _rolling_batch(self, batch: list[list[int]]) -> list[float]:
         lengths = [len(s) for s in batch]
@@ -228,19 +245,25 @@ class LayerdecodeLM(LM):
             groups.setdefault(key, []).append(index)
         texts: list[str] = [""] * len(requests)
         self.generation_counts = [0] * len(requests)
-        tokens_total, tic = 0, time.perf_counter()
+        tic = time.perf_counter()
         size = self.args.batch_size
+        chunks = []
         for indices in groups.values():
-            gen_kwargs = dict(requests[indices[0]].args[1])
-            options, until = self._options(gen_kwargs)
-            for start in _progress(range(0, len(indices), size), "generate_until"):
-                chunk = indices[start : start + size]
-                prompts = [self._encode(requests[i].args[0]) for i in chunk]
-                generated = self._generate(prompts, options, until)
-                for i, (text, count) in zip(chunk, generated, strict=True):
-                    texts[i] = text
-                    self.generation_counts[i] = count
-                    tokens_total += count
+            options, until = self._options(dict(requests[indices[0]].args[1]))
+            for start in range(0, len(indices), size):
+                chunks.append((indices[start : start + size], options, until))
+
+        def compute(chunk: tuple[list[int], Any, list[str]]) -> list[tuple[str, int]]:
+            indices, options, until = chunk
+            prompts = [self._encode(requests[i].args[0]) for i in indices]
+            return self._generate(prompts, options, until)
+
+        done = shared(self.group, requests, chunks, compute, "generate_until")
+        for (indices, _, _), generated in zip(chunks, done, strict=True):
+            for i, (text, count) in zip(indices, generated, strict=True):
+                texts[i] = text
+                self.generation_counts[i] = count
+        tokens_total = sum(self.generation_counts)
         seconds = time.perf_counter() - tic
         self.generation_stats = {
             "tokens": tokens_total,
@@ -296,10 +319,3 @@ class LayerdecodeLM(LM):
                     text = text[at + len(end) :]
             out.append((text, len(row_tokens)))
         return out
-
-
-def _progress(items: Any, what: str) -> Any:
-    from tqdm import tqdm
-
-    items = list(items)
-    return tqdm(items, desc=f"layerdecode {what}", disable=len(items) < 2)
