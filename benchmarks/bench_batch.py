@@ -1,10 +1,13 @@
 """Aggregate decode tokens/s of batched decoding, beside mlx-lm's own ``batch_generate``.
 
-    python benchmarks/bench_batch.py [--model NAME] [--tokens 64] [--sizes 1,4,8,16]
+    python benchmarks/bench_batch.py [--model NAME | --random SHAPE] [--tokens 64]
+        [--sizes 1,4,8,16] [--scans auto] [--repeats 1]
 
 For each batch size, mlx-lm's ``batch_generate`` and layerdecode's ``batch_generate`` with
-``final`` and ``confident`` run on the same prompts, in turn; every row generates exactly
-``--tokens`` tokens (end-of-sequence is ignored) so that all runs do the same work.
+``final`` and ``confident`` (once per ``--scans`` entry: auto, lazy, eager) run on the same
+prompts, in turn; every row generates exactly ``--tokens`` tokens (end-of-sequence is
+ignored) so that all runs do the same work. ``--random qwen1.5b|llama8b|tiny`` times a
+random-weight model of that real shape (see random_model.py) on random prompts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sizes", default="1,4,8,16")
+    parser.add_argument("--random", default=None, help="random-weight model of this shape")
+    parser.add_argument("--scans", default="auto", help="confident scans to time, e.g. eager,lazy")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="interleaved rounds; the best of each is shown"
+    )
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -37,13 +45,23 @@ def main() -> None:
 
     import layerdecode
     from layerdecode.batch import batch_generate
+    from layerdecode.registry import get_strategy
 
-    model, tokenizer = layerdecode.load(args.model, dtype=args.dtype)
+    if args.random:
+        from random_model import random_model, random_prompt
+
+        model, tokenizer = random_model(args.random, args.dtype or "bfloat16")
+    else:
+        model, tokenizer = layerdecode.load(args.model, dtype=args.dtype)
     # Fixed-length runs: no row stops early, in either implementation.
     tokenizer._eos_token_ids = set()
     sizes = [int(s) for s in args.sizes.split(",")]
+    scans = args.scans.split(",")
 
     def prompts(n):
+        if args.random:
+            vocab = model.args.vocab_size
+            return [random_prompt(vocab, 24 + 3 * i, seed=i) for i in range(n)]
         return [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
@@ -64,26 +82,49 @@ def main() -> None:
         )
         return stats.generation_tps, stats.peak_memory_gb
 
+    def run_confident(batch, scan):
+        strategy = get_strategy("confident", scan=scan)
+        tps, peak = run_ours(batch, strategy)
+        return tps, peak, strategy.stats.per_token, strategy.stats.walked_per_token
+
     run_mlx(prompts(2))  # warm-up
     print(
-        f"model: {args.model or 'default'}  new tokens per row: {args.tokens}  "
+        f"model: {args.random or args.model or 'default'}  new tokens per row: {args.tokens}  "
         f"device: {mx.default_device()}"
     )
+    columns = "".join(
+        f" {'confident ' + scan + ' tok/s':>22} {'vs final':>9} {'heads/tok':>9} {'walk/tok':>8}"
+        for scan in scans
+    )
     print(
-        f"{'batch':>5} {'mlx-lm tok/s':>13} {'final tok/s':>12} {'ratio':>6} "
-        f"{'confident tok/s':>16} {'vs final':>9} {'peak GB (mlx/final/conf)':>26}"
+        f"{'batch':>5} {'mlx-lm tok/s':>13} {'final tok/s':>12} {'ratio':>6}{columns} "
+        f"{'peak GB (mlx/final/conf..)':>26}"
     )
     start = time.perf_counter()
     for size in sizes:
         batch = prompts(size)
-        mlx_tps, mlx_peak = run_mlx(batch)
-        final_tps, final_peak = run_ours(batch, "final")
-        conf_tps, conf_peak = run_ours(batch, "confident")
-        print(
-            f"{size:5d} {mlx_tps:13.1f} {final_tps:12.1f} {final_tps / mlx_tps:6.3f} "
-            f"{conf_tps:16.1f} {conf_tps / final_tps:9.3f} "
-            f"{mlx_peak:8.3f}/{final_peak:.3f}/{conf_peak:.3f}"
-        )
+        best: dict[str, tuple] = {}
+        for _ in range(args.repeats):
+            runs = {
+                "mlx": lambda batch=batch: run_mlx(batch),
+                "final": lambda batch=batch: run_ours(batch, "final"),
+            }
+            runs |= {
+                scan: (lambda batch=batch, scan=scan: run_confident(batch, scan)) for scan in scans
+            }
+            for name, run in runs.items():
+                result = run()
+                if name not in best or result[0] > best[name][0]:
+                    best[name] = result
+        (mlx_tps, mlx_peak), (final_tps, final_peak) = best["mlx"], best["final"]
+        line = f"{size:5d} {mlx_tps:13.1f} {final_tps:12.1f} {final_tps / mlx_tps:6.3f}"
+        peaks = [mlx_peak, final_peak]
+        for scan in scans:
+            conf_tps, conf_peak, heads, walked = best[scan]
+            walk = f"{walked:8.2f}" if walked else f"{'-':>8}"
+            line += f" {conf_tps:22.1f} {conf_tps / final_tps:9.3f} {heads:9.2f} {walk}"
+            peaks.append(conf_peak)
+        print(f"{line} {'/'.join(f'{p:.3f}' for p in peaks):>26}", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+# Before anything imports mlx.core: an optimised system BLAS on Linux (layerdecode/blas.py).
+import_module("layerdecode.blas").activate()
+
 # The one place the version is written: the package metadata is built from this line.
 __version__ = "0.1.0"
 

@@ -30,12 +30,27 @@ class Exit:
     norm: bool = True
 
 
+# On the CPU, entropies are computed this many rows at a time: the passes over a few rows of
+# the vocabulary stay in the cache (about twice as fast for 76 rows of 49,152), same values.
+ENTROPY_CHUNK_ROWS = 8
+
+
 def entropy_of(logits: mx.array) -> mx.array:
     """Shannon entropy (nats) over the last axis of unnormalised logits, in float32.
 
     ``H = log Z - sum(e * d) / Z`` with ``d = x - max(x)``, ``e = exp(d)``, ``Z = sum(e)``:
     one exponential per element. Masked (``-inf``) logits contribute nothing.
     """
+    rows = logits.size // max(logits.shape[-1], 1) if logits.ndim > 1 else 1
+    if rows > ENTROPY_CHUNK_ROWS and mx.default_device() == mx.cpu:
+        flat = logits.reshape(rows, logits.shape[-1])
+        step = ENTROPY_CHUNK_ROWS
+        parts = [_entropy(flat[i : i + step]) for i in range(0, rows, step)]
+        return mx.concatenate(parts).reshape(logits.shape[:-1])
+    return _entropy(logits)
+
+
+def _entropy(logits: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
     shifted = logits - mx.max(logits, axis=-1, keepdims=True)
     weights = exp_shifted(shifted)
@@ -136,6 +151,22 @@ class LayerView:
         if first is not None and positions == list(range(first, first + len(layers))):
             return self._stack[first : first + len(layers)]  # already stacked: no copy
         return mx.stack([self.logits(layer, norm=norm) for layer in layers])
+
+    def decode_rows(
+        self, layers: Sequence[int], rows: mx.array | None = None, *, norm: bool = True
+    ) -> mx.array:
+        """Logits ``(len(layers), rows, vocab)`` of any layers for some rows, in one head call.
+
+        For strategies that decide at run time what else to decode (confident's lazy scan):
+        nothing needs declaring, and only the ``rows`` given (indices; all by default) pay
+        for the head. Each row's logits are computed as for a declared exit.
+        """
+        hidden = mx.stack([self.hidden(layer) for layer in layers])
+        if rows is not None:
+            hidden = hidden[:, rows]
+        if norm:
+            hidden = self.adapter.norm(hidden)
+        return self.adapter.decode(hidden, norm=False)
 
     @property
     def decoded(self) -> list[tuple[int, bool]]:

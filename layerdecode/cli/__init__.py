@@ -83,7 +83,13 @@ class LayerdecodeGroup(click.Group):
 @click.group(cls=LayerdecodeGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="layerdecode")
 @click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
-def cli(debug: bool) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Say on stderr which BLAS MLX's CPU matrix products use (Linux).",
+)
+def cli(debug: bool, verbose: bool) -> None:
     """Decode each token from the decoder layer a pluggable strategy picks.
 
     layerdecode runs mlx-lm models and, at every step, lets a strategy (final, fixed,
@@ -94,6 +100,10 @@ def cli(debug: bool) -> None:
       layerdecode generate --prompt "What is the capital of France?" --strategy confident
     """
     _state["debug"] = debug
+    if verbose:
+        from layerdecode.blas import blas_status
+
+        click.echo(f"blas: {blas_status()}", err=True)
 
 
 for _command in (
