@@ -40,10 +40,15 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    # layerdecode first: on Linux it loads an installed system BLAS before mlx.core does,
+    # for mlx-lm's runs in this process as well.
+    import layerdecode
+    from layerdecode.blas import blas_status
+
+    print(f"blas: {blas_status()}")
     import mlx.core as mx
     from mlx_lm.generate import batch_generate as mlx_batch_generate
 
-    import layerdecode
     from layerdecode.batch import batch_generate
     from layerdecode.registry import get_strategy
 

@@ -48,10 +48,15 @@ def main() -> None:
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=", ".join(STRATEGIES))
     args = parser.parse_args()
 
+    # layerdecode first: on Linux it loads an installed system BLAS before mlx.core does,
+    # for mlx-lm's runs in this process as well.
+    import layerdecode
+    from layerdecode.blas import blas_status
+
+    print(f"blas: {blas_status()}")
     import mlx.core as mx
     from mlx_lm.generate import stream_generate as mlx_stream_generate
 
-    import layerdecode
     from layerdecode.registry import get_strategy
 
     if args.random:

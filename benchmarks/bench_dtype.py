@@ -1,14 +1,17 @@
 """Decode speed of the default model stored quantised, as float32 and as bfloat16.
 
 Run: python benchmarks/bench_dtype.py [--tokens 64] [--model smollm2-135m-instruct]
-On Linux, preloading OpenBLAS speeds up MLX's float32 GEMM a lot, e.g.
-LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/bench_dtype.py
+On Linux, an installed OpenBLAS speeds up MLX's float32 GEMM a lot; importing layerdecode
+first loads it (LAYERDECODE_BLAS=off to compare without).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+# Imported before anything loads mlx.core: on Linux it loads an installed system BLAS.
+import layerdecode  # noqa: F401
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
