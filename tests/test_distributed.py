@@ -214,11 +214,28 @@ def test_a_model_whose_heads_do_not_divide_is_refused():
 # -- failures --------------------------------------------------------------------------------
 
 
-def start_ranks(tmp_path: Path, args: list[str], **env: str) -> list[subprocess.Popen]:
-    """The two ranks of a ring job started by hand, as mlx.launch would (MLX_RANK, hostfile)."""
+def ring_hostfile(tmp_path: Path) -> tuple[Path, int]:
+    """A two-rank ring hostfile on 127.0.0.1 over free ports P and P + 1: (path, P)."""
     port = free_ports()
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    return hostfile, port
+
+
+def run_rank0(hostfile: Path, *args: str) -> subprocess.CompletedProcess:
+    """``layerdecode ARGS`` as rank 0 of a job described by ``hostfile``, to completion."""
+    return subprocess.run(
+        layerdecode_cli(*args),
+        env={**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def start_ranks(tmp_path: Path, args: list[str], **env: str) -> list[subprocess.Popen]:
+    """The two ranks of a ring job started by hand, as mlx.launch would (MLX_RANK, hostfile)."""
+    hostfile, _ = ring_hostfile(tmp_path)
     base = {**os.environ, "MLX_HOSTFILE": str(hostfile), **env}
     return [
         subprocess.Popen(
@@ -265,34 +282,18 @@ def test_a_wrong_hostfile_is_one_line(tiny_dir, tmp_path):
     bad = tmp_path / "hosts.json"
     for content, needle in [("{oops", "not valid JSON"), ('["127.0.0.1:1"]', "list of at least")]:
         bad.write_text(content)
-        env = {**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(bad)}
-        done = subprocess.run(
-            layerdecode_cli("generate", "-m", str(tiny_dir), "-p", "hi"),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = run_rank0(bad, "generate", "-m", str(tiny_dir), "-p", "hi")
         assert done.returncode == 2
         [line] = error_lines(done.stderr)
         assert str(bad) in line and needle in line
 
 
 def test_a_port_in_use_is_one_line(tiny_dir, tmp_path):
-    port = free_ports()
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    env = {**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+    hostfile, port = ring_hostfile(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        done = subprocess.run(
-            layerdecode_cli("generate", "-m", str(tiny_dir), "-p", "hi"),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = run_rank0(hostfile, "generate", "-m", str(tiny_dir), "-p", "hi")
     assert done.returncode == 1
     [line] = error_lines(done.stderr)
     assert "rank 0" in line and "bind" in line and "ports are free" in line

@@ -19,7 +19,14 @@ pytest.importorskip("lm_eval")
 from layerdecode.distributed import ProcessGroup  # noqa: E402
 from layerdecode.errors import ConfigError, LayerdecodeError  # noqa: E402
 
-from .test_distributed import MLX_LAUNCH, ROOT, error_lines, finish, free_ports, launch  # noqa: E402
+from .test_distributed import (  # noqa: E402
+    MLX_LAUNCH,
+    ROOT,
+    error_lines,
+    finish,
+    launch,
+    ring_hostfile,
+)
 
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 SCRIPT = ROOT / "tests" / "distributed" / "lm_eval_ranks.py"
@@ -108,9 +115,7 @@ def test_two_ranks_write_the_files_of_one_process(tiny_model_dir, tmp_path, monk
 
 @needs_launch
 def test_a_dead_rank_ends_the_job_with_one_line(tiny_model_dir, tmp_path):
-    port = free_ports()
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    hostfile, _ = ring_hostfile(tmp_path)
     args = ["lm-eval", "--model_args", f"model={tiny_model_dir},{MODEL_ARGS}"]
     args += ["--tasks", "layerdecode_gsm_local", "--include_path", str(TASKS), "--limit", "4"]
     args += ["--output_path", str(tmp_path / "out")]
