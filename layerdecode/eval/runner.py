@@ -149,22 +149,28 @@ def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress)
     ]
     chunks = [c for c in every if any((i.id, n) in pending for i in c for n in names)]
     order = {key: i for i, key in enumerate(keys)}
+    # One share: each record is written as it finishes; several: after each round's gather.
+    streaming = group.shares == 1
+
+    def write(record: EvalRecord) -> None:
+        nonlocal done
+        if store is not None:
+            store.append(record)
+            done += 1
+            if progress is not None:
+                progress(done, total, record.strategy)
+
     for first in range(0, len(chunks), group.shares):
         index = first + group.share
         chunk = chunks[index] if index < len(chunks) else []
-        streaming = group.shares == 1
         records: list[EvalRecord] = []
 
-        def keep(record: EvalRecord, streaming=streaming, records=records) -> None:
-            nonlocal done
+        def keep(record: EvalRecord, records=records) -> None:
             group.beat()
-            if not streaming:
+            if streaming:
+                write(record)
+            else:
                 records.append(record)
-            elif store is not None:
-                store.append(record)
-                done += 1
-                if progress is not None:
-                    progress(done, total, record.strategy)
 
         with group.watch("decoding") if group.tensor else nullcontext():
             _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size)
@@ -179,10 +185,7 @@ def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress)
             for line in payload.decode().splitlines()
         ]
         for record in sorted(arrived, key=lambda r: order[r.key]):
-            store.append(record)
-            done += 1
-            if progress is not None:
-                progress(done, total, record.strategy)
+            write(record)
 
 
 def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) -> None:
