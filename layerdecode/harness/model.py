@@ -173,10 +173,8 @@ class LayerdecodeLM(LM):
     ) -> tuple[float, bool]:
         if not tokens:
             return 0.0, True
-        masked = self.scorer.masked_logprob
-        head = first[tokens[0]].item()
-        score = masked if head == -float("inf") else head
-        greedy = tokens[0] == mx.argmax(first).item()
+        head, best = self.scorer.pick(first[None], mx.array(tokens[:1]))
+        score, greedy = head.item(), best.item()
         if len(tokens) > 1:
             cache = copy.deepcopy(cache)
             inputs, targets = tokens[:-1], tokens[1:]

@@ -118,6 +118,13 @@ class PositionScorer:
             )
         return logprobs
 
+    def pick(self, logprobs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
+        """Per row of ``logprobs`` ``(rows, vocab)``: the target's score (a masked target
+        scores ``masked_logprob``) and whether it is the argmax."""
+        picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        picked = mx.where(picked == -mx.inf, self.masked_logprob, picked)
+        return picked, mx.argmax(logprobs, axis=-1) == targets
+
     def score(
         self,
         passed: ForwardPass,
@@ -132,11 +139,7 @@ class PositionScorer:
             view = self.view(
                 passed, mx.array(list(rows[start:end])), mx.array(list(positions[start:end]))
             )
-            logprobs = self.logprobs(view)
-            target = mx.array(list(targets[start:end]))
-            picked = mx.take_along_axis(logprobs, target[:, None], axis=-1)[:, 0]
-            picked = mx.where(picked == -mx.inf, self.masked_logprob, picked)
-            best = mx.argmax(logprobs, axis=-1) == target
+            picked, best = self.pick(self.logprobs(view), mx.array(list(targets[start:end])))
             mx.eval(picked, best)
             outs.append(picked)
             greedy.append(best)
