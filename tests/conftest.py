@@ -6,6 +6,17 @@ from pathlib import Path
 
 import pytest
 
+# layerdecode before any test module imports mlx.core: on Linux this loads the system BLAS
+# into the test process exactly as into every subprocess the tests start (`layerdecode`,
+# mlx.launch ranks, servers). Tests compare floats from both sides bit for bit, and two
+# BLAS libraries round matrix products differently.
+import layerdecode  # noqa: E402, F401  (imported for its side effect)
+from layerdecode.blas import blas_status  # noqa: E402
+
+
+def pytest_report_header(config):
+    return blas_status()
+
 # --- real models (layerdecode.loading / manifests) ------------------------------------------
 # The default model is fetched once into the persistent cache ($LAYERDECODE_HOME or the
 # platform's user cache), so later test runs reuse it.
