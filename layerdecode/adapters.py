@@ -1,35 +1,103 @@
-"""Per-architecture facts: where the decoder layers, final norm and output head live.
+"""Where a loaded mlx-lm model keeps its decoder layers, final norm and output head, found.
 
 An intermediate layer ``i`` is decoded exactly as the model decodes its last layer:
-``transform(head(final_norm(h_i)))``. The table below names the architectures whose
-layout has been checked (tests compare the adapter's decoding of the last layer with
-the model's own logits for a tiny random model of each).
+``post(head(pre(norm(h_i))))``. Nothing here is a list of supported models:
+
+- the decoder layers are the list mlx-lm itself uses to build a model's cache
+  (``model.layers``: the inner model's list, also behind multimodal wrappers such as
+  ``language_model.model.layers``);
+- the final norm and the head are found by structure, on the modules from the top-level
+  model down to the one that owns the layers: a norm by its role (``norm``,
+  ``final_layernorm``, ``norm_f``, ``ln_f``, ...), a head as ``lm_head`` / ``output`` /
+  ``embed_out``, or tied embeddings (``embed_tokens.as_linear``, quantized ones included);
+- what a model does around its head that structure cannot tell (logit softcapping, logit
+  scales, a vocabulary split across ranks) comes from the attributes mlx-lm gives those
+  models, and from :data:`LOGIT_RULES` for the few that spell it otherwise.
+
+Every adapter is then **checked** once per model (:func:`get_adapter`): a short probe runs
+through the model with the layers tapped, and the last layer decoded through the adapter
+must give the model's own logits. Where the structure offers several readings (a head and
+tied embeddings, a norm or none), the first that passes is taken; when none does, the error
+names the model type and the largest difference, so a wrong adapter can never decode
+silently different text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UnsupportedModelError
 
-# model_type -> logit post-processing applied by the model after its head, as a factory
-# taking the model and returning a function of the logits (None: no post-processing).
-_TransformFactory = Callable[[Any], Callable[[Any], Any] | None]
+Transform = Callable[[Any], Any]
+
+# Attribute names, most usual first.
+NORM_NAMES = (
+    "norm",
+    "final_layernorm",
+    "final_layer_norm",
+    "norm_f",
+    "ln_f",
+    "final_norm",
+    "ln_out",
+    "model_norm",
+    "norm_out",
+)
+HEAD_NAMES = ("lm_head", "output", "embed_out", "head")
+EMBEDDING_NAMES = (
+    "embed_tokens",
+    "wte",
+    "embed_in",
+    "word_embeddings",
+    "tok_embeddings",
+    "embedding",
+    "embeddings",
+    "embed",
+)
+LAYER_NAMES = ("layers", "h", "blocks")
+
+# Probe token ids: small enough for any vocabulary.
+PROBE = (1, 2, 3, 4, 5, 6)
 
 
-def _no_transform(model: Any) -> None:
+# -- what models do around their head --------------------------------------------------------
+
+
+def _setting(chain: list[Any], *names: str) -> Any:
+    """The first non-None value of an attribute among ``names`` on the modules of the chain
+    (top-level model first) or their ``args`` / ``config`` (and a nested ``text`` config)."""
+    for module in chain:
+        holders = [module]
+        for key in ("args", "config"):
+            holder = getattr(module, key, None)
+            if holder is not None:
+                holders.append(holder)
+                text = getattr(holder, "text", None)
+                if text is not None and not isinstance(text, (str, bool, int, float)):
+                    holders.append(text)
+        for holder in holders:
+            for name in names:
+                value = holder.get(name) if isinstance(holder, dict) else None
+                if value is None:
+                    try:
+                        value = getattr(holder, name, None)
+                    except Exception:  # noqa: BLE001  (properties of half-built wrappers)
+                        value = None
+                if value is not None and not callable(value):
+                    return value
     return None
 
 
-def _softcap(model: Any) -> Callable[[Any], Any] | None:
-    cap = getattr(model, "final_logit_softcapping", None)
-    if cap is None:
-        cap = getattr(getattr(model, "args", None), "final_logit_softcapping", None)
-    if not cap:
-        return None
+def _scale(factor: float) -> Transform:
+    def transform(logits):
+        return logits * factor
 
+    return transform
+
+
+def _softcap(cap: float) -> Transform:
     import mlx.core as mx
 
     def transform(logits):
@@ -38,44 +106,90 @@ def _softcap(model: Any) -> Callable[[Any], Any] | None:
     return transform
 
 
-def _cohere_scale(model: Any) -> Callable[[Any], Any]:
-    scale = model.model.args.logit_scale
+def _cohere(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+    return None, _scale(float(_setting(chain, "logit_scale")))
+
+
+def _granite(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+    return None, _scale(1.0 / float(_setting(chain, "logits_scaling")))
+
+
+def _minicpm(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+    # The hidden state is divided by hidden_size / dim_model_base before the head.
+    ratio = float(_setting(chain, "hidden_size")) / float(_setting(chain, "dim_model_base"))
+    return _scale(1.0 / ratio), None
+
+
+def _falcon_h1(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+    # Only the tied head is scaled; an untied one has the multiplier folded into its weights.
+    if not _setting(chain, "tie_word_embeddings"):
+        return None, None
+    multiplier = float(_setting(chain, "lm_head_multiplier"))
+    return None, _scale(multiplier / float(_setting(chain, "embedding_multiplier")))
+
+
+def _output_multiplier(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+    import mlx.core as mx
+
+    factor = float(_setting(chain, "output_multiplier"))
 
     def transform(logits):
-        return logits * scale
+        return logits.astype(mx.float32) * factor
 
-    return transform
-
-
-def _granite_scale(model: Any) -> Callable[[Any], Any]:
-    scaling = model.logits_scaling
-
-    def transform(logits):
-        return logits / scaling
-
-    return transform
+    return None, transform
 
 
-# The architectures whose layout (``model.model.layers``, ``model.model.norm``, tied
-# ``embed_tokens`` or ``lm_head``) has been checked, and their logit post-processing.
-ARCHITECTURES: dict[str, _TransformFactory] = {
-    "llama": _no_transform,
-    "mistral": _no_transform,
-    "smollm3": _no_transform,
-    "qwen2": _no_transform,
-    "qwen2_moe": _no_transform,
-    "qwen3": _no_transform,
-    "qwen3_moe": _no_transform,
-    "mixtral": _no_transform,
-    "phi3": _no_transform,
-    "olmo2": _no_transform,
-    "starcoder2": _no_transform,
-    "gemma": _no_transform,
-    "gemma2": _softcap,
-    "gemma3_text": _softcap,
-    "cohere": _cohere_scale,
-    "granite": _granite_scale,
+LOGIT_RULES: dict[str, Callable[[list[Any]], tuple[Transform | None, Transform | None]]] = {
+    "cohere": _cohere,
+    "cohere2": _cohere,
+    "granite": _granite,
+    "granitemoe": _granite,
+    "granitemoehybrid": _granite,
+    "minicpm": _minicpm,
+    "minicpm3": _minicpm,
+    "falcon_h1": _falcon_h1,
+    "muse_glimmer": _output_multiplier,
+    "muse_spark": _output_multiplier,
 }
+"""model_type -> ``rule(chain) -> (pre, post)``: what the model applies to the normed hidden
+state before its head (``pre``) and to the logits after it (``post``), besides softcapping
+(found by attribute), for the types whose forward says so in code only. ``chain`` is the
+list of modules from the top-level model to the one owning the decoder layers."""
+
+
+def _softcap_of(chain: list[Any]) -> float | None:
+    cap = _setting(chain, "final_logit_softcapping", "logit_softcapping", "logits_soft_cap")
+    return float(cap) if cap else None
+
+
+def _gather(group: Any) -> Transform:
+    import mlx.core as mx
+
+    def transform(logits):
+        n, size = group.size(), logits.shape[-1]
+        parts = mx.distributed.all_gather(logits.reshape(-1, size), group=group)
+        parts = parts.reshape(n, -1, size).transpose(1, 0, 2)
+        return parts.reshape(*logits.shape[:-1], n * size)
+
+    return transform
+
+
+def _compose(*steps: Transform | None) -> Transform | None:
+    steps = tuple(s for s in steps if s is not None)
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def transform(x):
+        for step in steps:
+            x = step(x)
+        return x
+
+    return transform
+
+
+# -- the adapter -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -85,10 +199,14 @@ class Adapter:
     Attributes:
         model_type: the mlx-lm ``model_type`` the adapter was made for.
         layers: the decoder layers, in order (the inner model's own list).
-        norm: the final norm module, applied before the head.
-        head: the output head (``lm_head`` or the tied ``embed_tokens.as_linear``).
-        transform: logit post-processing the model applies after its head, or ``None``.
+        norm: the final norm module, applied before the head (the identity if none).
+        head: the output head (``lm_head`` or the tied embeddings' ``as_linear``).
+        transform: what the model applies to the head's logits, or ``None``.
         tied_embeddings: whether the head is the (tied) input embedding matrix.
+        pre_head: what the model applies to the normed hidden state before the head, or
+            ``None``.
+        layout: where the parts were found, e.g. ``{"layers": "model.layers", "norm":
+            "model.norm", "head": "lm_head"}``.
     """
 
     model_type: str
@@ -97,6 +215,8 @@ class Adapter:
     head: Callable[[Any], Any]
     transform: Callable[[Any], Any] | None
     tied_embeddings: bool
+    pre_head: Callable[[Any], Any] | None = None
+    layout: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -105,10 +225,16 @@ class Adapter:
     def decode(self, hidden, *, norm: bool = True, transform: bool = True):
         """Logits of hidden states ``(..., hidden_size)`` through (norm,) head (, transform)."""
         h = self.norm(hidden) if norm else hidden
+        if self.pre_head is not None:
+            h = self.pre_head(h)
         logits = self.head(h)
         if transform and self.transform is not None:
             logits = self.transform(logits)
         return logits
+
+    def describe(self) -> str:
+        """The layout in a few words, for messages."""
+        return ", ".join(f"{k} {v}" for k, v in self.layout.items())
 
 
 def model_type_of(model: Any) -> str:
@@ -118,32 +244,275 @@ def model_type_of(model: Any) -> str:
     return str(model_type) if model_type is not None else type(model).__module__
 
 
-def get_adapter(model: Any) -> Adapter:
-    """The adapter for a loaded mlx-lm model, or an error naming what is missing."""
+def _identity(x):
+    return x
+
+
+def _is_layer_list(value: Any) -> bool:
+    import mlx.nn as nn
+
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], nn.Module)
+
+
+def _find_layers(model: Any) -> tuple[list, list[tuple[str, Any]]]:
+    """The decoder layers and the chain of (path, module) from the model to their owner."""
+    modules = dict(model.named_modules())
+    layers = None
+    try:
+        layers = getattr(model, "layers", None)
+    except Exception:  # noqa: BLE001  (a property that cannot be read: search instead)
+        layers = None
+    owner_path = None
+    if _is_layer_list(layers):
+        for path, module in modules.items():
+            for value in module.values():
+                if value is layers or (_is_layer_list(value) and value[0] is layers[0]):
+                    owner_path = path
+                    break
+            if owner_path is not None:
+                break
+    else:
+        # No ``layers`` attribute: the longest list of modules under a layer-like name.
+        best = None
+        for path, module in modules.items():
+            for name in LAYER_NAMES:
+                value = module.get(name) if isinstance(module, dict) else None
+                if _is_layer_list(value) and (best is None or len(value) > len(best[0])):
+                    best = (value, path)
+        if best is not None:
+            layers, owner_path = best
+    if owner_path is None or not _is_layer_list(layers):
+        raise UnsupportedModelError(
+            f"Model type '{model_type_of(model)}' has no list of decoder layers that "
+            "layerdecode can find (neither model.layers nor a list of layers in its modules)."
+        )
+    chain = [("", model)]
+    parts = owner_path.split(".") if owner_path else []
+    for i in range(len(parts)):
+        path = ".".join(parts[: i + 1])
+        chain.append((path, modules[path]))
+    return list(layers), chain
+
+
+def _child(module: Any, name: str) -> Any:
+    return module.get(name) if isinstance(module, dict) else None
+
+
+def _norms(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, Callable[[Any], Any]]]:
+    """Candidate final norms: on the layers' owner first, by role name; then none."""
+    for path, module in reversed(chain):
+        for name in NORM_NAMES:
+            norm = _child(module, name)
+            if norm is not None and callable(norm) and not _is_layer_list(norm):
+                yield (f"{path}.{name}" if path else name), norm
+    yield "none", _identity
+
+
+def _heads(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, Callable[[Any], Any], bool]]:
+    """Candidate heads: a separate head near the top first, then tied embeddings."""
+    for path, module in chain:
+        for name in HEAD_NAMES:
+            head = _child(module, name)
+            if head is not None and callable(head) and "weight" in head:
+                yield (f"{path}.{name}" if path else name), head, False
+    for path, module in reversed(chain):
+        for name in EMBEDDING_NAMES:
+            embedding = _child(module, name)
+            if embedding is not None and hasattr(embedding, "as_linear"):
+                where = f"{path}.{name}" if path else name
+                yield f"{where}.as_linear (tied)", embedding.as_linear, True
+
+
+def _sharding_group(chain: list[tuple[str, Any]]) -> Any:
+    for _, module in chain:
+        group = getattr(module, "sharding_group", None)
+        if group is not None:
+            return group
+    return None
+
+
+def candidates(model: Any) -> Iterator[Adapter]:
+    """Every adapter the model's structure allows, most likely first (unchecked)."""
+    layers, chain = _find_layers(model)
     model_type = model_type_of(model)
-    factory = ARCHITECTURES.get(model_type)
-    if factory is None:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedModelError(
-            f"Model type '{model_type}' is not supported by layerdecode: no adapter says where "
-            f"its final norm and output head are. Supported: {supported}."
-        )
-    inner = getattr(model, "model", None)
-    missing = [name for name in ("layers", "norm", "embed_tokens") if not hasattr(inner, name)]
-    if inner is None or missing:
-        what = "model.model" if inner is None else ", ".join(f"model.model.{m}" for m in missing)
-        raise UnsupportedModelError(
-            f"Model type '{model_type}' does not have the expected layout: missing {what}."
-        )
-    # A separate head exists exactly when the model did not tie it to the embeddings
-    # (mlx-lm removes or never creates ``lm_head`` for tied models).
-    tied = "lm_head" not in model
-    head = inner.embed_tokens.as_linear if tied else model.lm_head
-    return Adapter(
-        model_type=model_type,
-        layers=inner.layers,
-        norm=inner.norm,
-        head=head,
-        transform=factory(model),
-        tied_embeddings=tied,
+    modules = [m for _, m in chain]
+    pre, post = None, None
+    rule = LOGIT_RULES.get(model_type)
+    if rule is not None:
+        pre, post = rule(modules)
+    cap = _softcap_of(modules)
+    group = _sharding_group(chain)
+    # The vocabulary split across ranks is gathered first, then the model's own transform.
+    transform = _compose(_gather(group) if group is not None else None, post)
+    named = " and ".join(
+        n for n in (f"{model_type} rule" if rule else "", "gathered" if group else "") if n
     )
+    transforms = [(named, transform)]
+    if cap is not None:
+        capped = _compose(transform, _softcap(cap))
+        transforms = [(" and ".join(filter(None, (named, f"softcap {cap:g}"))), capped)]
+        transforms.append((named, transform))
+    layers_path = f"{chain[-1][0]}.layers" if chain[-1][0] else "layers"
+    for norm_path, norm in _norms(chain):
+        for head_path, head, tied in _heads(chain):
+            for label, post_head in transforms:
+                layout = {"layers": layers_path, "norm": norm_path, "head": head_path}
+                if label:
+                    layout["logits"] = label
+                yield Adapter(
+                    model_type=model_type,
+                    layers=layers,
+                    norm=norm,
+                    head=head,
+                    transform=post_head,
+                    tied_embeddings=tied,
+                    pre_head=pre,
+                    layout=layout,
+                )
+
+
+# -- the check -------------------------------------------------------------------------------
+
+
+def _tolerance(logits: Any) -> float:
+    """The largest difference a correct adapter may show: rounding of the model's dtype
+    (matrix products of another shape sum in another order), relative to the logits."""
+    import mlx.core as mx
+
+    eps = {mx.float32: 1e-3, mx.float16: 4e-3, mx.bfloat16: 2e-2}.get(logits.dtype, 2e-2)
+    return eps * (1.0 + mx.max(mx.abs(logits.astype(mx.float32))).item())
+
+
+def difference(adapter: Adapter, capture: Any, logits: Any) -> float:
+    """Largest absolute difference between the last layer decoded through ``adapter`` and
+    the model's own ``logits``, at the last position (``inf`` when not finite)."""
+    import mlx.core as mx
+
+    hidden = capture.outputs[-1]
+    if hidden is None or hidden.ndim != 3:
+        return math.inf
+    try:
+        ours = adapter.decode(hidden[:, -1:, :]).astype(mx.float32)
+    except (ValueError, TypeError):
+        return math.inf
+    theirs = logits[:, -1:, :].astype(mx.float32)
+    if ours.shape != theirs.shape:
+        return math.inf
+    diff = mx.max(mx.abs(ours - theirs)).item()
+    return diff if math.isfinite(diff) else math.inf
+
+
+def probe(model: Any, layers: list) -> tuple[Any, Any]:
+    """Run :data:`PROBE` through the model with ``layers`` tapped: (capture, logits)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .taps import install_taps
+
+    taps = install_taps(layers)
+    cache = make_prompt_cache(model)
+    with taps.capture() as capture:
+        logits = model(mx.array([PROBE]), cache=cache)
+    mx.eval(logits, [h for h in capture.outputs if h is not None])
+    return capture, logits
+
+
+def check(model: Any) -> Adapter:
+    """The first candidate adapter that decodes the model's last layer as the model does."""
+    model_type = model_type_of(model)
+    found = list(candidates(model))
+    if not found:
+        raise UnsupportedModelError(
+            f"Model type '{model_type}' has no output head that layerdecode can find "
+            f"(looked for {', '.join(HEAD_NAMES)} and tied {', '.join(EMBEDDING_NAMES[:3])}...)."
+        )
+    try:
+        capture, logits = probe(model, found[0].layers)
+    except Exception as exc:  # noqa: BLE001  (any failure of the model's own forward)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UnsupportedModelError(
+            f"Model type '{model_type}' could not run a {len(PROBE)}-token probe to check "
+            f"how its layers decode: {type(exc).__name__}: {reason}"
+        ) from exc
+    if any(h is None for h in capture.outputs):
+        missing = [i for i, h in enumerate(capture.outputs) if h is None]
+        raise UnsupportedModelError(
+            f"Model type '{model_type}' does not run every decoder layer it lists "
+            f"(layers {missing[:5]} produced nothing on a probe), so they cannot be decoded."
+        )
+    tolerance = _tolerance(logits)
+    best: tuple[float, Adapter] | None = None
+    for adapter in found:
+        diff = difference(adapter, capture, logits)
+        if diff <= tolerance:
+            return adapter
+        if best is None or diff < best[0]:
+            best = (diff, adapter)
+    diff, adapter = best
+    shown = "not finite or of another shape" if math.isinf(diff) else f"{diff:.3g}"
+    raise UnsupportedModelError(
+        f"Model type '{model_type}' cannot be decoded layer by layer: its last layer decoded "
+        f"through the closest layout found ({adapter.describe()}) differs from the model's own "
+        f"logits by {shown} (tolerance {tolerance:.2g}). Final-layer decoding with mlx-lm "
+        "still works; please report the model type."
+    )
+
+
+def get_adapter(model: Any, *, verify: bool = True) -> Adapter:
+    """The checked adapter of a loaded mlx-lm model (found and checked once per model).
+
+    Args:
+        model: an mlx-lm model.
+        verify: check the adapter against the model's own logits on a short probe (done once
+            per model and remembered); ``False`` takes the most likely candidate unchecked.
+
+    Raises:
+        UnsupportedModelError: no decoder layers or head can be found, or no candidate decodes
+            the last layer as the model does (one line naming the model type and the largest
+            difference).
+    """
+    cached = model.__dict__.get("_layerdecode_adapter")
+    if cached is not None and all(_resolve(model, path) is obj for path, obj in cached[1]):
+        return cached[0]
+    if not verify:
+        return next(candidates(model))
+    adapter = check(model)
+    # A plain attribute, invisible to the parameter tree (as the taps are). The parts are
+    # found again if a module was replaced since (quantized, sharded, reloaded).
+    anchors = tuple(
+        (path, _resolve(model, path))
+        for path in (
+            adapter.layout["layers"],
+            _module_path(adapter.layout["norm"]),
+            _module_path(adapter.layout["head"]),
+        )
+        if path
+    )
+    object.__setattr__(model, "_layerdecode_adapter", (adapter, anchors))
+    return adapter
+
+
+def _module_path(where: str) -> str:
+    """The module path in a layout entry (``"model.embed_tokens.as_linear (tied)"`` ->
+    ``"model.embed_tokens"``; ``"none"`` -> ``""``)."""
+    if where == "none":
+        return ""
+    path = where.split(" ", 1)[0]
+    return path.removesuffix(".as_linear")
+
+
+def _resolve(model: Any, path: str) -> Any:
+    node = model
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return None
+    return node
+
+
+def forget_adapter(model: Any) -> None:
+    """Drop the adapter remembered for ``model`` (after its modules were replaced)."""
+    model.__dict__.pop("_layerdecode_adapter", None)
+
+
+__all__ = ["LOGIT_RULES", "Adapter", "candidates", "check", "get_adapter", "model_type_of"]

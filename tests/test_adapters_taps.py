@@ -68,15 +68,51 @@ def test_sliding_window_attributes_still_read_by_mlx_lm():
         assert out.shape == (1, IDS.shape[1], 211)
 
 
-def test_unsupported_architecture_is_named():
-    model = tiny_model("llama")
-    model.model_type = "mamba"
-    with pytest.raises(UnsupportedModelError, match="Model type 'mamba' is not supported"):
-        get_adapter(model)
+def test_a_model_without_a_layer_list_is_named():
+    import mlx.nn as nn
+
+    class Headless(nn.Module):
+        model_type = "headless"
+
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedModelError, match="no list of decoder layers") as err:
+        get_adapter(Headless())
+    assert "'headless'" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_missing_layout_is_named():
-    model = tiny_model("llama")
-    del model.model["norm"]
-    with pytest.raises(UnsupportedModelError, match=r"missing model\.model\.norm"):
+def test_the_check_refuses_a_broken_adapter(monkeypatch):
+    from layerdecode import adapters
+
+    # A model whose forward scales its logits, with the rule that says so taken away.
+    model = tiny_model("cohere")
+    monkeypatch.delitem(adapters.LOGIT_RULES, "cohere")
+    with pytest.raises(UnsupportedModelError) as err:
         get_adapter(model)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("Model type 'cohere' cannot be decoded layer by layer")
+    assert "differs from the model's own logits by" in message
+
+
+def test_a_norm_not_found_is_not_guessed(monkeypatch):
+    # Without its final norm the layout is wrong; the check says so rather than decoding.
+    from layerdecode import adapters
+
+    monkeypatch.setattr(adapters, "NORM_NAMES", ("final_layernorm",))
+    with pytest.raises(UnsupportedModelError, match="cannot be decoded layer by layer") as err:
+        get_adapter(tiny_model("llama"))
+    assert "norm none" in str(err.value)
+
+
+def test_the_adapter_is_found_again_when_a_module_is_replaced():
+    import mlx.nn as nn
+
+    model = tiny_model("llama-untied")
+    first = get_adapter(model)
+    assert get_adapter(model) is first
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: p == "lm_head")
+    second = get_adapter(model)
+    assert second is not first and isinstance(second.head, nn.QuantizedLinear)
