@@ -41,6 +41,7 @@ NORM_NAMES = (
     "norm_f",
     "ln_f",
     "final_norm",
+    "output_norm",
     "ln_out",
     "model_norm",
     "norm_out",
@@ -106,29 +107,47 @@ def _softcap(cap: float) -> Transform:
     return transform
 
 
-def _cohere(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
-    return None, _scale(float(_setting(chain, "logit_scale")))
+@dataclass(frozen=True)
+class Rule:
+    """What a model does around its head that its structure does not tell.
+
+    Attributes:
+        pre: applied to the normed hidden state before the head.
+        post: applied to the head's logits.
+        norm: the final norm, when it is a function rather than a module.
+        hidden_of: what a decoder layer's output is turned into before the norm, when it is
+            not the layer's (first) returned array.
+    """
+
+    pre: Transform | None = None
+    post: Transform | None = None
+    norm: Transform | None = None
+    hidden_of: Callable[[Any], Any] | None = None
 
 
-def _granite(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
-    return None, _scale(1.0 / float(_setting(chain, "logits_scaling")))
+def _cohere(chain: list[Any]) -> Rule:
+    return Rule(post=_scale(float(_setting(chain, "logit_scale"))))
 
 
-def _minicpm(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+def _granite(chain: list[Any]) -> Rule:
+    return Rule(post=_scale(1.0 / float(_setting(chain, "logits_scaling"))))
+
+
+def _minicpm(chain: list[Any]) -> Rule:
     # The hidden state is divided by hidden_size / dim_model_base before the head.
     ratio = float(_setting(chain, "hidden_size")) / float(_setting(chain, "dim_model_base"))
-    return _scale(1.0 / ratio), None
+    return Rule(pre=_scale(1.0 / ratio))
 
 
-def _falcon_h1(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+def _falcon_h1(chain: list[Any]) -> Rule:
     # Only the tied head is scaled; an untied one has the multiplier folded into its weights.
     if not _setting(chain, "tie_word_embeddings"):
-        return None, None
+        return Rule()
     multiplier = float(_setting(chain, "lm_head_multiplier"))
-    return None, _scale(multiplier / float(_setting(chain, "embedding_multiplier")))
+    return Rule(post=_scale(multiplier / float(_setting(chain, "embedding_multiplier"))))
 
 
-def _output_multiplier(chain: list[Any]) -> tuple[Transform | None, Transform | None]:
+def _output_multiplier(chain: list[Any]) -> Rule:
     import mlx.core as mx
 
     factor = float(_setting(chain, "output_multiplier"))
@@ -136,10 +155,34 @@ def _output_multiplier(chain: list[Any]) -> tuple[Transform | None, Transform | 
     def transform(logits):
         return logits.astype(mx.float32) * factor
 
-    return None, transform
+    return Rule(post=transform)
 
 
-LOGIT_RULES: dict[str, Callable[[list[Any]], tuple[Transform | None, Transform | None]]] = {
+def _nanochat(chain: list[Any]) -> Rule:
+    # A parameter-free RMS norm before the head and a fixed softcap of 15 after it.
+    import mlx.core as mx
+
+    def norm(h):
+        return mx.fast.rms_norm(h, None, 1e-5)
+
+    return Rule(post=_softcap(15.0), norm=norm)
+
+
+def _hyper_connections(chain: list[Any]) -> Rule:
+    # Layers return (streams (B, L, copies, D), mix (B, L, copies)); after the last layer the
+    # model collapses the streams with the mix, in float32, before its norm.
+    import mlx.core as mx
+
+    def collapse(out):
+        streams, mix = out[0], out[1]
+        merged = mx.sum(mix[..., None] * streams.astype(mx.float32), axis=2)
+        return merged.astype(streams.dtype)
+
+    return Rule(hidden_of=collapse)
+
+
+LOGIT_RULES: dict[str, Callable[[list[Any]], Rule]] = {
+    "deepseek_v41": _hyper_connections,
     "cohere": _cohere,
     "cohere2": _cohere,
     "granite": _granite,
@@ -150,11 +193,11 @@ LOGIT_RULES: dict[str, Callable[[list[Any]], tuple[Transform | None, Transform |
     "falcon_h1": _falcon_h1,
     "muse_glimmer": _output_multiplier,
     "muse_spark": _output_multiplier,
+    "nanochat": _nanochat,
 }
-"""model_type -> ``rule(chain) -> (pre, post)``: what the model applies to the normed hidden
-state before its head (``pre``) and to the logits after it (``post``), besides softcapping
-(found by attribute), for the types whose forward says so in code only. ``chain`` is the
-list of modules from the top-level model to the one owning the decoder layers."""
+"""model_type -> ``rule(chain) -> Rule``: what the model does around its head besides
+softcapping (found by attribute), for the types whose forward says so in code only.
+``chain`` is the list of modules from the top-level model to the one owning the layers."""
 
 
 def _softcap_of(chain: list[Any]) -> float | None:
@@ -205,6 +248,8 @@ class Adapter:
         tied_embeddings: whether the head is the (tied) input embedding matrix.
         pre_head: what the model applies to the normed hidden state before the head, or
             ``None``.
+        hidden_of: turns a decoder layer's output into its hidden state for the taps
+            (``None``: the output, or its first item when it is a tuple).
         layout: where the parts were found, e.g. ``{"layers": "model.layers", "norm":
             "model.norm", "head": "lm_head"}``.
     """
@@ -217,6 +262,7 @@ class Adapter:
     tied_embeddings: bool
     pre_head: Callable[[Any], Any] | None = None
     layout: dict[str, str] = field(default_factory=dict, compare=False)
+    hidden_of: Callable[[Any], Any] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -336,10 +382,9 @@ def candidates(model: Any) -> Iterator[Adapter]:
     layers, chain = _find_layers(model)
     model_type = model_type_of(model)
     modules = [m for _, m in chain]
-    pre, post = None, None
     rule = LOGIT_RULES.get(model_type)
-    if rule is not None:
-        pre, post = rule(modules)
+    found = rule(modules) if rule is not None else Rule()
+    pre, post = found.pre, found.post
     cap = _softcap_of(modules)
     group = _sharding_group(chain)
     # The vocabulary split across ranks is gathered first, then the model's own transform.
@@ -353,7 +398,8 @@ def candidates(model: Any) -> Iterator[Adapter]:
         transforms = [(" and ".join(filter(None, (named, f"softcap {cap:g}"))), capped)]
         transforms.append((named, transform))
     layers_path = f"{chain[-1][0]}.layers" if chain[-1][0] else "layers"
-    for norm_path, norm in _norms(chain):
+    norms = [(f"{model_type} rule", found.norm)] if found.norm else list(_norms(chain))
+    for norm_path, norm in norms:
         for head_path, head, tied in _heads(chain):
             for label, post_head in transforms:
                 layout = {"layers": layers_path, "norm": norm_path, "head": head_path}
@@ -368,6 +414,7 @@ def candidates(model: Any) -> Iterator[Adapter]:
                     tied_embeddings=tied,
                     pre_head=pre,
                     layout=layout,
+                    hidden_of=found.hidden_of,
                 )
 
 
@@ -402,14 +449,15 @@ def difference(adapter: Adapter, capture: Any, logits: Any) -> float:
     return diff if math.isfinite(diff) else math.inf
 
 
-def probe(model: Any, layers: list) -> tuple[Any, Any]:
-    """Run :data:`PROBE` through the model with ``layers`` tapped: (capture, logits)."""
+def probe(model: Any, adapter: Adapter) -> tuple[Any, Any]:
+    """Run :data:`PROBE` through the model with the adapter's layers tapped:
+    (capture, logits)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     from .taps import install_taps
 
-    taps = install_taps(layers)
+    taps = install_taps(adapter.layers, adapter.hidden_of)
     cache = make_prompt_cache(model)
     with taps.capture() as capture:
         logits = model(mx.array([PROBE]), cache=cache)
@@ -427,7 +475,7 @@ def check(model: Any) -> Adapter:
             f"(looked for {', '.join(HEAD_NAMES)} and tied {', '.join(EMBEDDING_NAMES[:3])}...)."
         )
     try:
-        capture, logits = probe(model, found[0].layers)
+        capture, logits = probe(model, found[0])
     except Exception as exc:  # noqa: BLE001  (any failure of the model's own forward)
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise UnsupportedModelError(
@@ -515,4 +563,4 @@ def forget_adapter(model: Any) -> None:
     model.__dict__.pop("_layerdecode_adapter", None)
 
 
-__all__ = ["LOGIT_RULES", "Adapter", "candidates", "check", "get_adapter", "model_type_of"]
+__all__ = ["LOGIT_RULES", "Adapter", "Rule", "candidates", "check", "get_adapter", "model_type_of"]

@@ -87,7 +87,7 @@ class Decoder:
     ) -> None:
         self.model = model
         self.adapter = get_adapter(model)
-        self.taps = install_taps(self.adapter.layers)
+        self.taps = install_taps(self.adapter.layers, self.adapter.hidden_of)
         strategy.prepare(
             ModelFacts(
                 self.adapter.num_layers, self.adapter.tied_embeddings, self.adapter.model_type

@@ -249,7 +249,7 @@ def logit_lens(
     final = num_layers - 1
     rows = list(range(num_layers)) if layers is None else _as_spec(layers).resolve(num_layers)
 
-    taps = install_taps(adapter.layers)
+    taps = install_taps(adapter.layers, adapter.hidden_of)
     with taps.capture() as capture:
         model(mx.array(ids, dtype=mx.uint32)[None])
     decode_rows = rows if final in rows else [*rows, final]

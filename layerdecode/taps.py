@@ -11,6 +11,7 @@ and only those a strategy turns into logits are ever decoded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,11 +34,17 @@ class Capture:
 
 
 class _TapState:
-    __slots__ = ("index", "capture")
+    __slots__ = ("index", "capture", "hidden_of")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.capture: Capture | None = None
+        self.hidden_of: Callable[[Any], Any] | None = None
+
+
+def first_output(out: Any) -> Any:
+    """The hidden state in what a decoder layer returns: the array, or a tuple's first item."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _tapped_class(cls: type) -> type:
@@ -50,9 +57,11 @@ def _tapped_class(cls: type) -> type:
         state = self.__dict__.get("_layerdecode_tap")
         capture = state.capture if state is not None else None
         if capture is not None:
+            hidden_of = state.hidden_of or first_output
             if state.index == 0:
-                capture.embeddings = args[0] if args else kwargs.get("x")
-            capture.outputs[state.index] = out[0] if isinstance(out, tuple) else out
+                # The first layer's positional inputs read as a layer's output would be.
+                capture.embeddings = hidden_of(tuple(args) if args else (kwargs.get("x"),))
+            capture.outputs[state.index] = hidden_of(out)
         return out
 
     tapped = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
@@ -69,7 +78,7 @@ class LayerTaps:
     handle removes on exit the taps it installed itself.
     """
 
-    def __init__(self, layers: list) -> None:
+    def __init__(self, layers: list, hidden_of: Callable[[Any], Any] | None = None) -> None:
         self.layers = layers
         self._states: list[_TapState] = []
         self._installed: list = []
@@ -84,6 +93,7 @@ class LayerTaps:
                 # modules in its parameter tree, so the tap state stays invisible to it.
                 object.__setattr__(layer, "_layerdecode_tap", state)
             state.index = index
+            state.hidden_of = hidden_of
             self._states.append(state)
 
     @property
@@ -126,6 +136,10 @@ def is_tapped(layer: Any) -> bool:
     return "_layerdecode_tap" in layer.__dict__
 
 
-def install_taps(layers: list) -> LayerTaps:
-    """Tap ``layers`` (idempotent: layers already tapped keep their tap)."""
-    return LayerTaps(layers)
+def install_taps(layers: list, hidden_of: Callable[[Any], Any] | None = None) -> LayerTaps:
+    """Tap ``layers`` (idempotent: layers already tapped keep their tap).
+
+    ``hidden_of`` turns what a layer returns into the hidden state to record (by default the
+    returned array, or the first item of a returned tuple).
+    """
+    return LayerTaps(layers, hidden_of)

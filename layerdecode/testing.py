@@ -50,10 +50,13 @@ __all__ = [
     "TINY_SPECIAL_WORDS",
     "check_final_matches_mlx_lm",
     "fresh_registry",
+    "model_types",
     "save_tiny_model",
     "select_on",
+    "tiny_configs",
     "tiny_model",
     "tiny_tokenizer",
+    "unbuildable_architectures",
     "view_over",
 ]
 
@@ -224,6 +227,61 @@ Every model has 6 layers of width 64 and a vocabulary of 211 tokens unless told 
 """
 
 
+ARCHITECTURES_FILE = Path(__file__).with_name("tiny_architectures.json")
+"""Tiny ``ModelArgs`` configurations for every mlx-lm architecture that builds without
+weights, and the reason for each one that does not."""
+
+
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """mlx-lm architecture module -> a tiny config (its ``config.json`` fields: vocabulary of
+    211 words, width 64, 4 to 8 layers with every kind of layer the architecture mixes)."""
+    return {name: dict(entry) for name, entry in _architectures()["buildable"].items()}
+
+
+def unbuildable_architectures() -> dict[str, str]:
+    """mlx-lm architecture module -> why no tiny random model of it can be built."""
+    return dict(_architectures()["unbuildable"])
+
+
+def model_types() -> list[str]:
+    """The model architectures the installed mlx-lm ships (modules with ``Model`` and
+    ``ModelArgs``; building blocks such as ``cache`` or ``rope_utils`` are left out)."""
+    import pkgutil
+
+    import mlx_lm.models
+
+    found = []
+    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+        try:
+            module = importlib.import_module(f"mlx_lm.models.{info.name}")
+        except (Exception, SystemExit):  # noqa: BLE001  (optional imports missing: olmo exits)
+            found.append(info.name)
+            continue
+        if hasattr(module, "Model") and hasattr(module, "ModelArgs"):
+            found.append(info.name)
+    return sorted(found)
+
+
+_ARCHITECTURES: dict[str, Any] = {}
+
+
+def _architectures() -> dict[str, Any]:
+    if not _ARCHITECTURES:
+        import json
+
+        _ARCHITECTURES.update(json.loads(ARCHITECTURES_FILE.read_text(encoding="utf-8")))
+    return _ARCHITECTURES
+
+
+def _tiny_from_config(arch: str, model_args: dict[str, Any]) -> nn.Module:
+    import copy
+
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    config = copy.deepcopy(tiny_configs()[arch])
+    config.update(model_args)
+    return module.Model(module.ModelArgs.from_dict(config))
+
+
 def tiny_model(
     arch: str = "llama",
     *,
@@ -237,9 +295,11 @@ def tiny_model(
     The same arguments give the same weights, so tests can rely on the model's outputs.
 
     Args:
-        arch: a key of :data:`TINY_ARCHITECTURES`.
+        arch: a key of :data:`TINY_ARCHITECTURES`, or any mlx-lm architecture module with
+            a config in :func:`tiny_configs` (``"qwen3_5"``, ``"gpt_oss"``...).
         seed: seeds MLX's random state before the weights are drawn.
-        num_layers: decoder layers (default 6).
+        num_layers: decoder layers (default 6; for :func:`tiny_configs` models, their
+            config's, and only where the config has ``num_hidden_layers`` at the top).
         weight_scale: factor on every weight matrix after the default initialisation; the
             default 2.0 makes the layers disagree, so that strategies have a choice to make.
         model_args: further ``ModelArgs`` fields (``vocab_size``, ``intermediate_size``...)
@@ -249,11 +309,20 @@ def tiny_model(
         The evaluated model, in float32.
 
     Raises:
-        KeyError: ``arch`` is not in :data:`TINY_ARCHITECTURES`.
+        KeyError: ``arch`` is neither in :data:`TINY_ARCHITECTURES` nor in
+            :func:`tiny_configs`.
     """
+    if arch not in TINY_ARCHITECTURES and arch not in tiny_configs():
+        raise KeyError(
+            f"Unknown tiny architecture '{arch}'. Known: {', '.join(TINY_ARCHITECTURES)}, "
+            f"and the mlx-lm architectures of tiny_configs()."
+        )
     if arch not in TINY_ARCHITECTURES:
-        known = ", ".join(TINY_ARCHITECTURES)
-        raise KeyError(f"Unknown tiny architecture '{arch}'. Known: {known}")
+        if num_layers is not None:
+            model_args = {"num_hidden_layers": num_layers, **model_args}
+        mx.random.seed(seed)
+        model = _tiny_from_config(arch, model_args)
+        return _finish(model, weight_scale)
     module_name, extra = TINY_ARCHITECTURES[arch]
     module = importlib.import_module(f"mlx_lm.models.{module_name}")
     fields = set(module.ModelArgs.__dataclass_fields__)
@@ -267,11 +336,17 @@ def tiny_model(
     if arch == "gemma3_text":
         # Tied head, as the released Gemma 3 checkpoints are.
         model.sanitize({})
+    return _finish(model, weight_scale)
+
+
+def _finish(model: nn.Module, weight_scale: float) -> nn.Module:
     if weight_scale != 1.0:
         from mlx.utils import tree_map
 
-        scaled = tree_map(lambda p: p * weight_scale if p.ndim == 2 else p, model.parameters())
-        model.update(scaled)
+        def scale(p):
+            return p * weight_scale if p.ndim == 2 and mx.issubdtype(p.dtype, mx.floating) else p
+
+        model.update(tree_map(scale, model.parameters()))
     mx.eval(model.parameters())
     return model
 
