@@ -42,6 +42,7 @@ NORM_NAMES = (
     "ln_f",
     "final_norm",
     "output_norm",
+    "embedding_norm",
     "ln_out",
     "model_norm",
     "norm_out",
@@ -53,6 +54,7 @@ EMBEDDING_NAMES = (
     "embed_in",
     "word_embeddings",
     "tok_embeddings",
+    "token_embeddings",
     "embedding",
     "embeddings",
     "embed",
@@ -91,6 +93,21 @@ def _setting(chain: list[Any], *names: str) -> Any:
     return None
 
 
+def model_setting(model: Any, name: str) -> Any:
+    """A config value of a loaded model (``hidden_size``, ``vocab_size``...), also for
+    multimodal wrappers whose text settings sit in ``text_config``; ``None`` if absent."""
+    chain = [model]
+    for key in ("language_model", "model"):
+        inner = model.get(key) if isinstance(model, dict) else None
+        if inner is not None:
+            chain.append(inner)
+    value = _setting(chain, name)
+    if value is None:
+        text = getattr(getattr(model, "args", None), "text_config", None)
+        value = text.get(name) if isinstance(text, dict) else getattr(text, name, None)
+    return value
+
+
 def _scale(factor: float) -> Transform:
     def transform(logits):
         return logits * factor
@@ -117,12 +134,14 @@ class Rule:
         norm: the final norm, when it is a function rather than a module.
         hidden_of: what a decoder layer's output is turned into before the norm, when it is
             not the layer's (first) returned array.
+        head: the output head, when it is not a module (a bare weight matrix).
     """
 
     pre: Transform | None = None
     post: Transform | None = None
     norm: Transform | None = None
     hidden_of: Callable[[Any], Any] | None = None
+    head: Transform | None = None
 
 
 def _cohere(chain: list[Any]) -> Rule:
@@ -181,8 +200,47 @@ def _hyper_connections(chain: list[Any]) -> Rule:
     return Rule(hidden_of=collapse)
 
 
+def _altup(chain: list[Any]) -> Rule:
+    # Layers carry several AltUp streams (streams, B, L, D); after the last layer the model
+    # maps streams 1.. back with its un-embedding projections, matches their magnitude to
+    # stream 0 and averages them, before its norm.
+    import mlx.core as mx
+
+    owner = chain[-1]
+
+    def merge(out):
+        h = out[0] if isinstance(out, tuple) else out
+        if h.ndim != 4:
+            return h
+        target = mx.mean(h[0] ** 2, axis=-1, keepdims=True) ** 0.5
+        rest = mx.stack([p(h[i + 1]) for i, p in enumerate(owner.altup_unembed_projections)])
+        size = mx.mean(rest**2, axis=-1, keepdims=True) ** 0.5
+        rest = rest * (target / mx.maximum(size, mx.finfo(h.dtype).min))
+        return mx.mean(mx.concatenate([h[:1], rest]), axis=0)
+
+    return Rule(hidden_of=merge)
+
+
+def _talkie(chain: list[Any]) -> Rule:
+    # Weightless RMS norm; the head is a bare matrix, scaled by a learned gain.
+    import mlx.core as mx
+
+    model = chain[0]
+    eps = float(_setting(chain, "rms_norm_eps"))
+
+    def norm(h):
+        return mx.fast.rms_norm(h, None, eps)
+
+    def head(h):
+        return h @ model["lm_head"].T
+
+    return Rule(norm=norm, head=head, post=model.lm_head_gain)
+
+
 LOGIT_RULES: dict[str, Callable[[list[Any]], Rule]] = {
     "deepseek_v41": _hyper_connections,
+    "gemma3n": _altup,
+    "talkie": _talkie,
     "cohere": _cohere,
     "cohere2": _cohere,
     "granite": _granite,
@@ -356,10 +414,12 @@ def _norms(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, Callable[[Any], 
 
 def _heads(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, Callable[[Any], Any], bool]]:
     """Candidate heads: a separate head near the top first, then tied embeddings."""
+    import mlx.nn as nn
+
     for path, module in chain:
         for name in HEAD_NAMES:
             head = _child(module, name)
-            if head is not None and callable(head) and "weight" in head:
+            if isinstance(head, nn.Module) and callable(head):
                 yield (f"{path}.{name}" if path else name), head, False
     for path, module in reversed(chain):
         for name in EMBEDDING_NAMES:
@@ -399,8 +459,9 @@ def candidates(model: Any) -> Iterator[Adapter]:
         transforms.append((named, transform))
     layers_path = f"{chain[-1][0]}.layers" if chain[-1][0] else "layers"
     norms = [(f"{model_type} rule", found.norm)] if found.norm else list(_norms(chain))
+    heads = [(f"{model_type} rule", found.head, False)] if found.head else list(_heads(chain))
     for norm_path, norm in norms:
-        for head_path, head, tied in _heads(chain):
+        for head_path, head, tied in heads:
             for label, post_head in transforms:
                 layout = {"layers": layers_path, "norm": norm_path, "head": head_path}
                 if label:

@@ -63,14 +63,17 @@ def estimate_batch_bytes(
     adapter: Adapter, model: nn.Module, lengths: Sequence[int], max_tokens: int, exits: int
 ) -> int:
     """A rough upper bound of the memory a batch needs beyond the weights."""
-    args = getattr(model, "args", None)
-    hidden = getattr(args, "hidden_size", 4096)
-    kv_heads = getattr(args, "num_key_value_heads", None) or getattr(
-        args, "num_attention_heads", 32
-    )
-    heads = getattr(args, "num_attention_heads", 32)
-    head_dim = getattr(args, "head_dim", None) or hidden // max(heads, 1)
-    vocab = getattr(args, "vocab_size", 32000)
+    from .adapters import model_setting
+
+    def setting(name: str, default: int) -> int:
+        value = model_setting(model, name)
+        return int(value) if isinstance(value, (int, float)) and value else default
+
+    hidden = setting("hidden_size", 4096)
+    heads = setting("num_attention_heads", 32)
+    kv_heads = setting("num_key_value_heads", heads)
+    head_dim = setting("head_dim", hidden // max(heads, 1))
+    vocab = setting("vocab_size", 32000)
     batch = len(lengths)
     positions = max(lengths) + max_tokens
     kv = 2 * adapter.num_layers * batch * kv_heads * head_dim * positions * 4
@@ -240,7 +243,8 @@ def batch_stream_resolved(
         model, resolved, options, sampler=sampler, logits_processors=logits_processors
     )
     outputs = [
-        OutputStream(tokenizer, max_tokens=max_tokens, stop=options.stop_sequences) for _ in prompts
+        OutputStream(tokenizer, max_tokens=max_tokens, stop=options.stop_sequences, prompt=p)
+        for p in prompts
     ]
     steps = _batch_steps(
         decoder,
@@ -262,20 +266,19 @@ def batch_stream_resolved(
             for r in rows:
                 generated += 1
                 output = outputs[r.row]
-                segment, finish = output.feed(r.token)
-                r.finish_reason = finish  # a stop sequence ends the row too
+                released = output.feed(r.token)
+                r.finish_reason = released.finish  # a stop sequence ends the row too
                 step = Step(r.token, r.layer, r.entropy, r.logprobs, r.extras)
                 yield (
                     r.row,
                     make_response(
-                        segment,
+                        released,
                         step,
                         num_layers=decoder.num_layers,
                         prompt_tokens=len(prompts[r.row]),
                         prompt_tps=prompt_tps,
                         generated=generated,
                         tic=tic,
-                        finish=finish,
                         matched_stop=output.matched_stop,
                     ),
                 )

@@ -42,6 +42,13 @@ class _TapState:
         self.hidden_of: Callable[[Any], Any] | None = None
 
 
+def _first_input(kwargs: dict[str, Any]) -> tuple:
+    for name in ("x", "hidden_states", "inputs", "h"):
+        if name in kwargs:
+            return (kwargs[name],)
+    return tuple(kwargs.values())[:1]
+
+
 def first_output(out: Any) -> Any:
     """The hidden state in what a decoder layer returns: the array, or a tuple's first item."""
     return out[0] if isinstance(out, tuple) else out
@@ -60,7 +67,7 @@ def _tapped_class(cls: type) -> type:
             hidden_of = state.hidden_of or first_output
             if state.index == 0:
                 # The first layer's positional inputs read as a layer's output would be.
-                capture.embeddings = hidden_of(tuple(args) if args else (kwargs.get("x"),))
+                capture.embeddings = hidden_of(tuple(args) if args else _first_input(kwargs))
             capture.outputs[state.index] = hidden_of(out)
         return out
 

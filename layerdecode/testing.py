@@ -51,6 +51,7 @@ __all__ = [
     "check_final_matches_mlx_lm",
     "fresh_registry",
     "model_types",
+    "refused_architectures",
     "save_tiny_model",
     "select_on",
     "tiny_configs",
@@ -238,6 +239,12 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
     return {name: dict(entry) for name, entry in _architectures()["buildable"].items()}
 
 
+def refused_architectures() -> dict[str, str]:
+    """mlx-lm architecture module -> why layerdecode refuses to decode its layers (the model
+    builds and runs in mlx-lm, but its layers' outputs are not a hidden state to decode)."""
+    return dict(_architectures()["refused"])
+
+
 def unbuildable_architectures() -> dict[str, str]:
     """mlx-lm architecture module -> why no tiny random model of it can be built."""
     return dict(_architectures()["unbuildable"])
@@ -340,6 +347,17 @@ def tiny_model(
 
 
 def _finish(model: nn.Module, weight_scale: float) -> nn.Module:
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    # A weight matrix that starts at zero (talkie's head) would make every layer decode to
+    # the same logits: draw it at random like the others.
+    zeros = [
+        (k, mx.random.normal(p.shape, dtype=p.dtype) * 0.05)
+        for k, p in tree_flatten(model.parameters())
+        if p.ndim == 2 and mx.issubdtype(p.dtype, mx.floating) and not mx.any(p).item()
+    ]
+    if zeros:
+        model.update(tree_unflatten(zeros))
     if weight_scale != 1.0:
         from mlx.utils import tree_map
 
