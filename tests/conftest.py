@@ -17,6 +17,23 @@ from layerdecode.blas import blas_status  # noqa: E402
 def pytest_report_header(config):
     return blas_status()
 
+
+def pytest_sessionstart(session):
+    # Were mlx.core loaded first (by a plugin, say), this process would multiply matrices
+    # with another library than the subprocesses it is compared with: fail now, with the
+    # reason, rather than with floats that differ in the last bits later.
+    if blas_status().startswith("system BLAS: not applied"):
+        raise pytest.UsageError(f"tests/conftest.py: {blas_status()}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that compare this process with others (marked ``cross_process``) run after the
+    rest, whatever order the others run in: what ran before them cannot hide behind them."""
+    items.sort(key=lambda item: item.get_closest_marker("cross_process") is not None)
+
+
+pytest_collection_modifyitems.trylast = True
+
 # --- real models (layerdecode.loading / manifests) ------------------------------------------
 # The default model is fetched once into the persistent cache ($LAYERDECODE_HOME or the
 # platform's user cache), so later test runs reuse it.

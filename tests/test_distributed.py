@@ -30,7 +30,12 @@ ARITHMETIC = ROOT / "tests" / "data" / "arithmetic.jsonl"  # eight GSM8K-style i
 TP_SCRIPT = ROOT / "tests" / "distributed" / "tp_generate.py"
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
-pytestmark = pytest.mark.skipif(not MLX_LAUNCH.exists(), reason=f"{MLX_LAUNCH} not installed")
+# Ranks (other processes) are compared with one process, so each side must load the same
+# BLAS: tests/conftest.py imports layerdecode first, as every rank does.
+pytestmark = [
+    pytest.mark.skipif(not MLX_LAUNCH.exists(), reason=f"{MLX_LAUNCH} not installed"),
+    pytest.mark.cross_process,
+]
 
 
 def free_ports() -> int:

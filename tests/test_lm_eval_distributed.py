@@ -34,6 +34,7 @@ MODEL_ARGS = "strategy=confident,window=3,batch_size=2,max_tokens=8"
 LOCAL_TASKS = ["layerdecode_mc_local", "layerdecode_gsm_local"]
 
 needs_launch = pytest.mark.skipif(not MLX_LAUNCH.exists(), reason=f"{MLX_LAUNCH} not installed")
+pytestmark = pytest.mark.cross_process
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +62,11 @@ def test_every_rank_returns_what_one_process_returns(tiny_model_dir):
     ranks = sorted((json.loads(line) for line in stdout.splitlines()), key=lambda r: r["rank"])
     assert [(r["rank"], r["size"]) for r in ranks] == [(0, 2), (1, 2)], stderr
     expected = json.loads(json.dumps(one))
+    # Equal to the last bit: every process multiplies with the same BLAS (the ranks import
+    # layerdecode first, and so does tests/conftest.py), and each request is scored in the
+    # same batch, of the same shape, by whichever rank computes it.
     for rank in ranks:
+        assert rank["blas"] == one["blas"], "the ranks load another BLAS than this process"
         assert rank["lm_eval_rank"] == [0, 1]  # lm-eval sees one process, as with mlx_lm
         for kind in ("loglikelihood", "rolling", "generate", "counts"):
             assert rank[kind] == expected[kind], kind

@@ -11,7 +11,7 @@ from .test_serve import Server
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (dev extra)")
 pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra")
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.cross_process]
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -39,10 +39,12 @@ def requests(kind: str, arguments: list[tuple]) -> list:
 
 
 def run(model_dir: str) -> dict:
+    from layerdecode.blas import blas_status
     from layerdecode.harness import LayerdecodeLM
 
     lm = LayerdecodeLM(model=model_dir, batch_size=2, strategy="confident", window=3)
     return {
+        "blas": blas_status(),
         "rank": lm.group.rank,
         "size": lm.group.size,
         "lm_eval_rank": [lm.rank, lm.world_size],
