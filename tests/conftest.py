@@ -26,13 +26,12 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"tests/conftest.py: {blas_status()}")
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Tests that compare this process with others (marked ``cross_process``) run after the
     rest, whatever order the others run in: what ran before them cannot hide behind them."""
     items.sort(key=lambda item: item.get_closest_marker("cross_process") is not None)
 
-
-pytest_collection_modifyitems.trylast = True
 
 # --- real models (layerdecode.loading / manifests) ------------------------------------------
 # The default model is fetched once into the persistent cache ($LAYERDECODE_HOME or the
