@@ -9,6 +9,9 @@ batches, each row as it does alone.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from layerdecode import generate
@@ -113,3 +116,16 @@ def test_batched_rows_equal_single_runs(arch, name, params):
         assert rows[1] == single[1]  # the longest prompt has no padding
     else:
         assert rows == single
+
+
+def test_the_docs_table_says_what_decodes():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (yes|untested|no: refused) \|", text, re.M))
+    assert set(rows) == set(CONFIGS) | set(unbuildable_architectures())
+    for name, status in rows.items():
+        if name in REFUSED:
+            assert status == "no: refused", name
+        elif name in CONFIGS:
+            assert status == "yes", name
+        else:
+            assert status == "untested", name
