@@ -286,6 +286,9 @@ def _tiny_from_config(arch: str, model_args: dict[str, Any]) -> nn.Module:
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     config = copy.deepcopy(tiny_configs()[arch])
     config.update(model_args)
+    # Multimodal wrappers: the overrides are the text model's.
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"].update(model_args)
     return module.Model(module.ModelArgs.from_dict(config))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from layerdecode import generate
@@ -129,3 +130,16 @@ def test_the_docs_table_says_what_decodes():
             assert status == "yes", name
         else:
             assert status == "untested", name
+
+
+def test_a_head_split_over_the_vocabulary_is_gathered():
+    # mlx-lm's qwen3_5 splits its head's rows across the ranks of a tensor-parallel group and
+    # gathers the logits; the adapter gathers every decoded layer the same way. On a group of
+    # one the gather is exact, so the split model decodes as the whole one.
+    tokenizer = tiny_tokenizer()
+    whole = generate(tiny_model("qwen3_5"), tokenizer, PROMPT, strategy="confident", max_tokens=5)
+    model = tiny_model("qwen3_5")
+    model.shard(mx.distributed.init())
+    assert get_adapter(model).layout["logits"] == "gathered"
+    split = generate(model, tokenizer, PROMPT, strategy="confident", max_tokens=5)
+    assert (split.tokens, split.layers) == (whole.tokens, whole.layers)
