@@ -25,8 +25,9 @@ from .decode import Decoder, LogitsProcessor, Sampler, pipelined
 from .errors import ConfigError
 from .options import GenerationOptions
 from .prompts import encode_prompt
+from .reasoning import ANSWER, REASONING, layers_by_part
 from .strategy import Strategy
-from .text import OutputStream
+from .text import OutputStream, Released
 
 # Keyword arguments of the step loops; every other keyword is a generation option.
 STEP_KEYS = ("max_kv_size", "prompt_cache", "prefill_step_size", "prompt_progress_callback")
@@ -139,7 +140,7 @@ class LayerResponse:
     """One streamed piece of output, like mlx-lm's ``GenerationResponse``, plus its layer.
 
     Attributes:
-        text: the next segment of decoded text (may be empty).
+        text: the next segment of the answer text (may be empty).
         token: the token id.
         layer: 0-based decoder layer the token was decoded from (final: ``num_layers - 1``).
         entropy: entropy in nats of that layer's distribution at this step.
@@ -153,6 +154,8 @@ class LayerResponse:
         peak_memory: peak memory so far, in GB.
         finish_reason: ``"stop"``, ``"length"`` or ``None`` before the last response.
         matched_stop: the stop sequence that ended the generation, if one did.
+        reasoning: the next segment of the reasoning text (thinking models; may be empty).
+        part: ``"reasoning"`` for a token of the reasoning or its markers, else ``"answer"``.
     """
 
     text: str
@@ -169,6 +172,8 @@ class LayerResponse:
     peak_memory: float
     finish_reason: str | None = None
     matched_stop: str | None = None
+    reasoning: str = ""
+    part: str = ANSWER
 
 
 def resolve_call(
@@ -275,11 +280,13 @@ def stream_resolved(
         model, resolved, options, sampler=sampler, logits_processors=logits_processors
     )
     steps = decoder_steps(decoder, prompt, max_tokens=max_tokens, **step_kwargs)
-    return _responses(model, tokenizer, prompt.size, decoder.num_layers, steps, max_tokens, options)
+    output = OutputStream(
+        tokenizer, max_tokens=max_tokens, stop=options.stop_sequences, prompt=prompt.tolist()
+    )
+    return _responses(model, prompt.size, decoder.num_layers, steps, output)
 
 
-def _responses(model, tokenizer, prompt_size, num_layers, steps, max_tokens, options):
-    output = OutputStream(tokenizer, max_tokens=max_tokens, stop=options.stop_sequences)
+def _responses(model, prompt_size, num_layers, steps, output):
     with wired_limit(model, [generation_stream]):
         tic = time.perf_counter()
         prompt_tps = 0.0
@@ -287,24 +294,23 @@ def _responses(model, tokenizer, prompt_size, num_layers, steps, max_tokens, opt
             if n == 0:
                 prompt_tps = prompt_size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
-            segment, finish = output.feed(step.token)
+            released = output.feed(step.token)
             yield make_response(
-                segment,
+                released,
                 step,
                 num_layers=num_layers,
                 prompt_tokens=prompt_size,
                 prompt_tps=prompt_tps,
                 generated=n + 1,
                 tic=tic,
-                finish=finish,
                 matched_stop=output.matched_stop,
             )
-            if finish is not None:
+            if released.finish is not None:
                 break
 
 
 def make_response(
-    text: str,
+    released: Released,
     step: Step,
     *,
     num_layers: int,
@@ -312,12 +318,11 @@ def make_response(
     prompt_tps: float,
     generated: int,
     tic: float,
-    finish: str | None,
     matched_stop: str | None = None,
 ) -> LayerResponse:
-    """A :class:`LayerResponse` for one step, with the speed since ``tic``."""
+    """A :class:`LayerResponse` for one step's released text, with the speed since ``tic``."""
     return LayerResponse(
-        text=text,
+        text=released.text,
         token=step.token,
         layer=step.layer,
         entropy=step.entropy,
@@ -329,8 +334,10 @@ def make_response(
         generation_tokens=generated,
         generation_tps=generated / max(time.perf_counter() - tic, 1e-9),
         peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason=finish,
+        finish_reason=released.finish,
         matched_stop=matched_stop,
+        reasoning=released.reasoning,
+        part=released.part,
     )
 
 
@@ -338,9 +345,12 @@ def make_response(
 class GenerationResult:
     """A whole generation: text, tokens and, per token, the layer it came from.
 
-    ``tokens``, ``layers``, ``entropies`` and ``extras`` have one entry per generated token
-    (the end-of-sequence token, which is not part of the text, is left out; the tokens that
-    spelled a stop sequence are kept, while the text ends before it).
+    ``tokens``, ``layers``, ``entropies``, ``parts`` and ``extras`` have one entry per
+    generated token (the end-of-sequence token, which is not part of the text, is left out;
+    the tokens that spelled a stop sequence are kept, while the text ends before it).
+    ``text`` is the answer; a thinking model's reasoning is in ``reasoning`` (None when the
+    output had none), and ``parts`` says of each token whether it belongs to the
+    ``"reasoning"`` or the ``"answer"``.
     """
 
     text: str
@@ -356,6 +366,13 @@ class GenerationResult:
     peak_memory_gb: float
     extras: dict[str, list[int]] = field(default_factory=dict)
     stop_sequence: str | None = None
+    reasoning: str | None = None
+    parts: list[str] = field(default_factory=list)
+
+    def layers_by_part(self) -> dict[str, list[int]]:
+        """The layers of the reasoning's tokens and of the answer's (only the answer's when
+        there was no reasoning)."""
+        return layers_by_part(self.layers, self.parts if self.reasoning is not None else ())
 
     @property
     def non_final_share(self) -> float:
@@ -409,6 +426,8 @@ class ResultCollector:
         self.prompt_tokens = [int(t) for t in prompt_tokens]
         self.strategy = resolve_strategy(strategy).info()
         self.pieces: list[str] = []
+        self.reasoning: list[str] = []
+        self.parts: list[str] = []
         self.tokens: list[int] = []
         self.layers: list[int] = []
         self.entropies: list[float] = []
@@ -418,8 +437,10 @@ class ResultCollector:
     def add(self, response: LayerResponse) -> None:
         self.last = response
         self.pieces.append(response.text)
+        self.reasoning.append(response.reasoning)
         if response.finish_reason == "stop" and response.matched_stop is None:
             return  # the end-of-sequence token is not part of the output
+        self.parts.append(response.part)
         self.tokens.append(response.token)
         self.layers.append(response.layer)
         self.entropies.append(response.entropy)
@@ -445,6 +466,8 @@ class ResultCollector:
             peak_memory_gb=last.peak_memory,
             extras=self.extras,
             stop_sequence=last.matched_stop,
+            reasoning="".join(self.reasoning) if REASONING in self.parts else None,
+            parts=self.parts,
         )
 
 

@@ -90,7 +90,7 @@ class LiveBatch:
         """Queue a row; it starts at the next :meth:`step`; ``logprobs``: top-k to report."""
         if not prompt:
             raise ConfigError("The prompt is empty: give at least one token.")
-        output = OutputStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
+        output = OutputStream(self.tokenizer, max_tokens=max_tokens, stop=stop, prompt=prompt)
         self.waiting.append(_LiveRow(key, list(prompt), output, logprobs))
 
     def cancel(self, key: Hashable) -> None:
@@ -174,18 +174,17 @@ class LiveBatch:
         ):
             if row.done:  # cancelled while this step ran
                 continue
-            segment, finish = row.output.feed(token)
-            row.done = finish is not None
+            released = row.output.feed(token)
+            row.done = released.finish is not None
             step = Step(token, layer, entropy, out.logprobs[i], extras)
             response = make_response(
-                segment,
+                released,
                 step,
                 num_layers=self.decoder.num_layers,
                 prompt_tokens=len(row.prompt),
                 prompt_tps=row.prompt_tps,
                 generated=row.output.count,
                 tic=row.tic,
-                finish=finish,
                 matched_stop=row.output.matched_stop,
             )
             if row.logprobs is None:

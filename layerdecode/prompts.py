@@ -13,6 +13,9 @@ from .errors import ConfigError
 
 Messages = Sequence[Mapping[str, Any]]
 
+# apply_chat_template arguments that build_prompt sets itself.
+RESERVED_TEMPLATE_KEYS = ("conversation", "add_generation_prompt", "tokenize", "return_dict")
+
 
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether the tokenizer (mlx-lm's wrapper or a transformers one) has a chat template."""
@@ -37,6 +40,19 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int] | Any) -> Any:
     return mx.array(list(prompt), dtype=mx.uint32)
 
 
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """Chat template keyword arguments as a dict; anything else is a ``ConfigError``."""
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(
+            "chat_template_kwargs must be an object of template arguments, e.g. "
+            f'{{"enable_thinking": false}}, got {type(kwargs).__name__}.'
+        )
+    reserved = [key for key in RESERVED_TEMPLATE_KEYS if key in kwargs]
+    if reserved:
+        raise ConfigError(f"chat_template_kwargs may not set {', '.join(reserved)}.")
+    return dict(kwargs)
+
+
 def _text_of(messages: Messages) -> str:
     return "\n\n".join(str(m.get("content", "")) for m in messages)
 
@@ -47,14 +63,20 @@ def build_prompt(
     *,
     system: str | None = None,
     chat: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """Token ids for a prompt text or a list of chat messages.
 
     With ``chat`` and a tokenizer that has a chat template, the messages (a text becomes
     one user message, after the ``system`` message if given) go through the template with
-    the generation prompt added. Otherwise the text -- the system message and the
-    messages' contents joined by blank lines -- is encoded as mlx-lm encodes a prompt.
+    the generation prompt added, and with ``chat_template_kwargs`` (e.g.
+    ``{"enable_thinking": False}``) as the template's further arguments. Otherwise the
+    text -- the system message and the messages' contents joined by blank lines -- is
+    encoded as mlx-lm encodes a prompt.
     """
+    template_kwargs = {}
+    if chat_template_kwargs is not None:
+        template_kwargs = check_template_kwargs(chat_template_kwargs)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ConfigError("The prompt is empty: give some text.")
@@ -66,7 +88,7 @@ def build_prompt(
     if system:
         messages = [{"role": "system", "content": system}, *messages]
     if chat and has_chat_template(tokenizer):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
         if isinstance(ids, Mapping):  # some tokenizers answer a BatchEncoding
             ids = ids["input_ids"]
         return [int(t) for t in ids]

@@ -12,8 +12,8 @@ from rich.text import Text
 from .plots import short_token
 
 if TYPE_CHECKING:
-    from .eval.stats import Disagreement, Summary
-    from .generation import GenerationResult
+    from .eval.stats import Disagreement, PartSummary, Summary
+    from .generation import GenerationResult, LayerResponse
     from .lens import LensResult
 
 # Depth below the final layer -> colour; deeper is warmer. (low, high) inclusive, high=None: open.
@@ -96,6 +96,37 @@ def layer_legend(num_layers: int, layers: Sequence[int] = ()) -> Text:
     return text
 
 
+def part_legends(result: GenerationResult) -> list[Text]:
+    """The layer legend of the output, or one for the reasoning and one for the answer."""
+    by_part = result.layers_by_part()
+    if len(by_part) == 1:
+        return [layer_legend(result.num_layers, result.layers)]
+    return [
+        Text(f"{part} ", style="dim") + layer_legend(result.num_layers, layers)
+        for part, layers in by_part.items()
+    ]
+
+
+def streamed_text(response: LayerResponse, *, show_layers: bool, separate: bool) -> Text:
+    """One streamed response: its reasoning dimmed, then its answer text, each coloured by
+    the token's layer if asked; ``separate`` puts a blank line before the answer."""
+    colour = layer_style(response.layer, response.num_layers) if show_layers else ""
+    text = Text()
+    if response.reasoning:
+        text.append(response.reasoning, style=f"dim {colour}".strip())
+    if response.text:
+        text.append("\n\n" if separate else "")
+        text.append(response.text, style=colour)
+    return text
+
+
+def output_text(result: GenerationResult) -> Text:
+    """A result's text, after its reasoning, dimmed, when it has some."""
+    if result.reasoning is None:
+        return plain(result.text)
+    return Text.assemble((result.reasoning.strip(), "dim"), "\n\n", result.text)
+
+
 def layered_text(pieces: Sequence[tuple[str, int]], num_layers: int) -> Text:
     """Text whose pieces are coloured by the layer each was decoded from."""
     text = Text()
@@ -108,7 +139,7 @@ def summary_line(result: GenerationResult, *, strategy: str, interrupted: bool =
     """Tokens, speed, share of non-final tokens and mean depth, as one dim line."""
     n = len(result.tokens)
     parts = [
-        f"{n} token{'s' if n != 1 else ''}",
+        f"{n} token{'s' if n != 1 else ''}{_reasoning_note(result)}",
         f"{result.generation_tps:.1f} tok/s",
         f"prompt {len(result.prompt_tokens)} tok at {result.prompt_tps:.1f} tok/s",
         f"non-final {result.non_final_share:.0%}",
@@ -138,8 +169,8 @@ def compare_table(
         table.add_column(label, overflow="fold")
     reference = results[0].tokens
     rows: list[tuple[str, list[Any]]] = [
-        ("output", [r.text for r in results]),
-        ("tokens", [str(len(r.tokens)) for r in results]),
+        ("output", [output_text(r) for r in results]),
+        ("tokens", [f"{len(r.tokens)}{_reasoning_note(r)}" for r in results]),
         (
             "diverges at",
             ["(reference)"]
@@ -152,6 +183,13 @@ def compare_table(
     for name, cells in rows:
         table.add_row(name, *(plain(c) for c in cells))
     return table
+
+
+def _reasoning_note(result: GenerationResult) -> str:
+    """`` (N reasoning)``: how many of the tokens were the reasoning's, if there was any."""
+    if result.reasoning is None:
+        return ""
+    return f" ({result.parts.count('reasoning')} reasoning)"
 
 
 def _divergence_label(index: int | None) -> str:
@@ -343,6 +381,22 @@ def render_summary(summary: Summary, *, title: str | None = None) -> Table:
             _percent(s.share_non_final),
             _number(s.mean_depth_below_final, 2),
             f"{s.hit_token_limit} ({_percent(s.hit_token_limit_share, 0)})",
+        )
+    return table
+
+
+def render_parts(parts: Sequence[PartSummary]) -> Table:
+    """Per strategy, the layers of the reasoning's tokens and of the answer's."""
+    table = Table(title="layers in the reasoning and in the answer", title_justify="left")
+    for column in ("strategy", "part", "tokens", "non-final", "depth"):
+        table.add_column(column, justify="left" if column in ("strategy", "part") else "right")
+    for p in parts:
+        table.add_row(
+            p.strategy,
+            p.part,
+            str(p.tokens),
+            _percent(p.share_non_final),
+            _number(p.mean_depth_below_final, 2),
         )
     return table
 

@@ -2,14 +2,17 @@
 
 One :class:`OutputStream` per sequence (a single run or one row of a batch): it feeds
 mlx-lm's streaming detokenizer, ends the sequence at an end-of-sequence token, a stop
-sequence or the token budget, and never streams text that may turn out to be the start
-of a stop sequence.
+sequence or the token budget, never streams text that may turn out to be the start
+of a stop sequence, and splits the text into reasoning and answer
+(:mod:`layerdecode.reasoning`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+from .reasoning import ReasoningSplitter
 
 
 class TextStream:
@@ -62,14 +65,34 @@ class TextStream:
         return end
 
 
+class Released(NamedTuple):
+    """What one token releases: answer text, reasoning text, the token's part
+    (``"reasoning"`` or ``"answer"``) and the finish reason if the sequence ends there."""
+
+    text: str
+    reasoning: str
+    part: str
+    finish: str | None
+
+
 class OutputStream:
     """One sequence's text and its end: EOS token, stop sequence or ``max_tokens``.
 
-    ``max_tokens`` of -1 means no limit.
+    ``max_tokens`` of -1 means no limit. ``prompt`` (its token ids) tells whether the
+    output starts inside a reasoning block the prompt opened. Stop sequences are matched
+    in the text as generated, markers and reasoning included.
     """
 
-    def __init__(self, tokenizer: Any, *, max_tokens: int, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        prompt: Sequence[int] = (),
+    ) -> None:
         self.text = TextStream(tokenizer, stop)
+        self.parts = ReasoningSplitter.for_prompt(tokenizer, prompt)
         self.eos = set(tokenizer.eos_token_ids)
         self.max_tokens = max_tokens
         self.count = 0
@@ -78,14 +101,17 @@ class OutputStream:
     def matched_stop(self) -> str | None:
         return self.text.matched
 
-    def feed(self, token: int) -> tuple[str, str | None]:
-        """The text ``token`` releases and the finish reason if the sequence ends here."""
+    def feed(self, token: int) -> Released:
+        """What ``token`` releases, and the finish reason if the sequence ends here."""
         self.count += 1
         if token in self.eos:
-            return self.text.finish(), "stop"
+            return self._end(self.text.finish(), "stop")
         segment = self.text.add(token)
         if self.text.matched is not None:
-            return segment, "stop"
+            return self._end(segment, "stop")
         if self.count == self.max_tokens:
-            return segment + self.text.finish(), "length"
-        return segment, None
+            return self._end(segment + self.text.finish(), "length")
+        return Released(*self.parts.add(segment), None)
+
+    def _end(self, segment: str, finish: str) -> Released:
+        return Released(*self.parts.finish(segment), finish)

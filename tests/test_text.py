@@ -62,13 +62,13 @@ def test_output_stream_ends(tokenizer):
     eos = tokenizer.eos_token_id
     a, b = ids(tokenizer, "a b")
     out = OutputStream(tokenizer, max_tokens=3)
-    assert out.feed(a) == ("a", None)
-    assert out.feed(eos) == ("", "stop")
+    assert out.feed(a) == ("a", "", "answer", None)
+    assert out.feed(eos) == ("", "", "answer", "stop")
     assert out.matched_stop is None
     out = OutputStream(tokenizer, max_tokens=2)
-    assert out.feed(a) == ("a", None)
-    assert out.feed(b) == (" b", "length")
+    assert out.feed(a) == ("a", "", "answer", None)
+    assert out.feed(b) == (" b", "", "answer", "length")
     out = OutputStream(tokenizer, max_tokens=-1, stop=["b"])
-    assert out.feed(a) == ("a", None)
-    assert out.feed(b) == (" ", "stop")
+    assert out.feed(a) == ("a", "", "answer", None)
+    assert out.feed(b) == (" ", "", "answer", "stop")
     assert out.matched_stop == "b"

@@ -11,6 +11,8 @@ from .console import echo_json, stderr_console, stdout_console, usage
 from .options import (
     CONTEXT_SETTINGS,
     batch_size_option,
+    chat_template_option,
+    check_system,
     chosen_options,
     file_option,
     generation_options,
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
     help="Further task option (repeatable): system_prompt, instruction, exemplar_format.",
 )
 @click.option("--raw", is_flag=True, help="Send prompts as plain text, without the chat template.")
+@chat_template_option
 @generation_options(max_tokens=256)
 @batch_size_option(8, "Prompts decoded together in one batch.")
 @file_option(
@@ -105,6 +108,7 @@ def eval_command(**kwargs: Any) -> None:
 
     if kwargs["resume"] and not kwargs["out"]:
         raise usage("--resume needs --out: the results file to continue.")
+    check_system(None, kwargs["raw"], kwargs["chat_template_kwargs"])
     task_options = parse_params(kwargs["task_options"])
     if kwargs["shots"] is not None:
         task_options["shots"] = kwargs["shots"]
@@ -119,6 +123,7 @@ def eval_command(**kwargs: Any) -> None:
         offset=kwargs["offset"],
         limit=kwargs["limit"],
         chat=not kwargs["raw"],
+        chat_template_kwargs=kwargs["chat_template_kwargs"],
         options=chosen_options(kwargs),
     )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -210,12 +215,18 @@ def report_command(**kwargs: Any) -> None:
 
     Works on a finished run and on one still going or stopped (a torn last record is
     skipped). Besides the eval summary it lists the items where the strategies disagree,
-    and the time each strategy spent generating.
+    and the time each strategy spent generating; for a thinking model, the layers of the
+    reasoning's tokens and of the answer's apart.
     """
     from layerdecode.eval.records import read_results
-    from layerdecode.eval.stats import complete_items, disagreements, summarize
+    from layerdecode.eval.stats import complete_items, disagreements, part_summaries, summarize
     from layerdecode.plots import plot_summary
-    from layerdecode.render import format_duration, render_disagreements, render_summary
+    from layerdecode.render import (
+        format_duration,
+        render_disagreements,
+        render_parts,
+        render_summary,
+    )
 
     path = kwargs["results"]
     config, records = read_results(path)
@@ -232,6 +243,7 @@ def report_command(**kwargs: Any) -> None:
     if not kwargs["all_items"]:
         records, left_out = complete_items(records, names)
     summary = summarize(records, names)
+    parts = part_summaries(records, names)
     disagreeing = disagreements(records, names)
     scope = "every record" if kwargs["all_items"] else "items every strategy answered"
     title = f"{config.task} · {config.model} · {summary.n_items} {scope}"
@@ -243,12 +255,15 @@ def report_command(**kwargs: Any) -> None:
             "config": config.model_dump(mode="json"),
             "items_left_out": left_out,
             **summary.to_dict(),
+            "parts": [asdict(p) for p in parts],
             "disagreements": [asdict(d) for d in disagreeing],
         }
         echo_json(data, indent=2)
         return
     console = stdout_console(wide=True)
     console.print(render_summary(summary, title=title))
+    if parts:
+        console.print(render_parts(parts))
     console.print(f"time generating: {format_duration(summary.busy_seconds)}")
     if left_out:
         console.print(

@@ -54,6 +54,39 @@ model_options = stack(
     ),
 )
 
+
+def _template_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--chat-template-kwargs``, parsed; bad JSON or not an object is a usage error."""
+    import json
+
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e.msg} at column {e.colno}).") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(
+            f"give a JSON object like '{{\"enable_thinking\": false}}', not {value!r}."
+        )
+    from layerdecode import ConfigError
+    from layerdecode.prompts import check_template_kwargs
+
+    try:
+        return check_template_kwargs(parsed)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+chat_template_option = click.option(
+    "--chat-template-kwargs",
+    "chat_template_kwargs",
+    metavar="JSON",
+    callback=_template_kwargs,
+    help="Further arguments of the chat template, as a JSON object: "
+    "'{\"enable_thinking\": false}' turns a thinking model's reasoning off.",
+)
+
 prompt_options = stack(
     click.option(
         "-p",
@@ -69,6 +102,7 @@ prompt_options = stack(
         help="Send the prompt as is, without the tokenizer's chat template (the template "
         "is applied by default when the tokenizer has one).",
     ),
+    chat_template_option,
 )
 
 param_option = click.option(
@@ -232,6 +266,8 @@ def strategy_list(value: str) -> list[str]:
     return names
 
 
-def check_system(system: str | None, raw: bool) -> None:
+def check_system(system: str | None, raw: bool, template_kwargs: dict | None = None) -> None:
     if system and raw:
         raise usage("--system needs the chat template: drop --raw or put it in the prompt.")
+    if template_kwargs is not None and raw:
+        raise usage("--chat-template-kwargs needs the chat template: drop --raw.")

@@ -19,6 +19,7 @@ from .console import (
 from .options import (
     CONTEXT_SETTINGS,
     batch_size_option,
+    chat_template_option,
     check_system,
     chosen_options,
     file_option,
@@ -52,31 +53,33 @@ if TYPE_CHECKING:
     "--show-layers",
     is_flag=True,
     help="Colour each token by the layer it was decoded from (final layer plain, deeper "
-    "layers warmer), with a legend.",
+    "layers warmer), with a legend (one for the reasoning and one for the answer of a "
+    "thinking model).",
 )
 @json_option(
-    "Print one JSON object (text, prompt_tokens, tokens, layers, entropies, strategy, "
-    "speeds, ...) instead of streaming text."
+    "Print one JSON object (text, reasoning, prompt_tokens, tokens, layers, parts, "
+    "entropies, strategy, speeds, ...) instead of streaming text."
 )
 def generate_command(**kwargs: Any) -> None:
     """Generate text, each token decoded from the layer the strategy picks.
 
-    The text streams to stdout as it is generated; a summary line follows on stderr:
-    tokens, tokens/s, the share of tokens decoded from a layer below the final one and
-    their mean depth below it. Layers are 0-based (final = number of layers - 1).
-    Generation options left unset take the preset's defaults.
+    The text streams to stdout as it is generated (a thinking model's reasoning dimmed,
+    before its answer); a summary line follows on stderr: tokens, tokens/s, the share of
+    tokens decoded from a layer below the final one and their mean depth below it.
+    Layers are 0-based (final = number of layers - 1). Generation options left unset take
+    the preset's defaults.
     """
-    from layerdecode import DEFAULT_MODEL, build_prompt
+    from layerdecode import DEFAULT_MODEL
     from layerdecode.distributed import init
 
-    check_system(kwargs["system"], kwargs["raw"])
+    check_system(kwargs["system"], kwargs["raw"], kwargs["chat_template_kwargs"])
     resolved = resolve(kwargs["strategy"], kwargs["params"])
     options = chosen_options(kwargs)
     text = read_prompt(kwargs["prompt"])
     group = init("tensor")
     with group.running():
         model, tokenizer = load_for(kwargs, group)
-        prompt = build_prompt(tokenizer, text, system=kwargs["system"], chat=not kwargs["raw"])
+        prompt = prompt_of(tokenizer, text, kwargs)
         with group.watch("generating"):
             run_generate(
                 model,
@@ -89,6 +92,19 @@ def generate_command(**kwargs: Any) -> None:
                 model_name=kwargs["model"] or DEFAULT_MODEL,
                 on_token=group.beat,
             )
+
+
+def prompt_of(tokenizer: Any, text: str, kwargs: dict[str, Any]) -> list[int]:
+    """The prompt ids of ``text`` under the command's --system, --raw and template options."""
+    from layerdecode import build_prompt
+
+    return build_prompt(
+        tokenizer,
+        text,
+        system=kwargs["system"],
+        chat=not kwargs["raw"],
+        chat_template_kwargs=kwargs["chat_template_kwargs"],
+    )
 
 
 def load_for(kwargs: dict[str, Any], group: ProcessGroup) -> tuple[Any, Any]:
@@ -115,14 +131,13 @@ def run_generate(
     """Stream one generation to stdout; Ctrl-C keeps what was generated and exits 130.
 
     ``on_token`` is called after every token (the distributed watchdog's heartbeat)."""
-    from rich.text import Text
-
     from layerdecode import ResultCollector, stream_generate
-    from layerdecode.render import layer_legend, layer_style, summary_line
+    from layerdecode.render import part_legends, streamed_text, summary_line
 
     out = stdout_console(soft_wrap=True)
     collector = ResultCollector(prompt, resolved)
     interrupted = False
+    reasoned = answered = False
     try:
         for response in stream_generate(
             model, tokenizer, prompt, strategy=resolved, options=options
@@ -130,14 +145,13 @@ def run_generate(
             collector.add(response)
             if on_token is not None:
                 on_token()
-            if as_json or not response.text:
+            if as_json or not (response.text or response.reasoning):
                 continue
-            if show_layers:
-                style = layer_style(response.layer, response.num_layers)
-                out.print(Text(response.text, style=style), end="")
-            else:
-                click.echo(response.text, nl=False)
-                sys.stdout.flush()
+            separate = reasoned and not answered and bool(response.text)
+            out.print(streamed_text(response, show_layers=show_layers, separate=separate), end="")
+            sys.stdout.flush()
+            reasoned = reasoned or bool(response.reasoning)
+            answered = answered or bool(response.text)
     except KeyboardInterrupt:
         interrupted = True
     if collector.last is None:
@@ -151,7 +165,8 @@ def run_generate(
         click.echo("")
         err = stderr_console()
         if show_layers:
-            err.print(layer_legend(result.num_layers, result.layers))
+            for legend in part_legends(result):
+                err.print(legend)
         err.print(summary_line(result, strategy=resolved.label, interrupted=interrupted))
     if interrupted:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
@@ -178,23 +193,25 @@ def run_generate(
 )
 @click.option("--system", metavar="TEXT", help="System message for the chat template.")
 @click.option("--raw", is_flag=True, help="Send prompts as is, without the chat template.")
+@chat_template_option
 @generation_options(max_tokens=64)
 @batch_size_option(1, "Prompts decoded together in one batch; 1 runs them one by one.")
 @json_option("Print one JSON object with every result.")
 def compare_command(**kwargs: Any) -> None:
     """Run several strategies on the same prompts and show the outputs side by side.
 
-    For each prompt: every strategy's output, the token index where it first diverges from
-    the first strategy's, its tokens/s, the share of tokens decoded from a layer below the
-    final one and their mean depth. With several prompts, a summary table follows.
-    Generation options left unset take each preset's defaults.
+    For each prompt: every strategy's output (a thinking model's reasoning dimmed, before
+    its answer), the token index where it first diverges from the first strategy's, its
+    tokens/s, the share of tokens decoded from a layer below the final one and their mean
+    depth. With several prompts, a summary table follows. Generation options left unset
+    take each preset's defaults.
     """
     from rich.progress import Progress
 
-    from layerdecode import batch_generate, build_prompt, resolve_strategy
+    from layerdecode import batch_generate, resolve_strategy
     from layerdecode.distributed import init
 
-    check_system(kwargs["system"], kwargs["raw"])
+    check_system(kwargs["system"], kwargs["raw"], kwargs["chat_template_kwargs"])
     resolved = [resolve_strategy(spec) for spec in strategy_list(kwargs["strategies"])]
     options = chosen_options(kwargs)
     texts = [read_prompt(p) for p in kwargs["prompts"]]
@@ -205,8 +222,7 @@ def compare_command(**kwargs: Any) -> None:
     group = init("tensor")
     with group.running():
         model, tokenizer = load_for(kwargs, group)
-        chat = not kwargs["raw"]
-        prompts = [build_prompt(tokenizer, t, system=kwargs["system"], chat=chat) for t in texts]
+        prompts = [prompt_of(tokenizer, t, kwargs) for t in texts]
         labels = unique_labels([r.label for r in resolved])
         per_strategy = []
         quiet = len(prompts) < 2 or not group.is_main
@@ -327,7 +343,6 @@ def inspect_command(**kwargs: Any) -> None:
 
     from layerdecode import (
         DEFAULT_MODEL,
-        build_prompt,
         generate,
         inspect_generation,
         parse_layer_spec,
@@ -337,13 +352,13 @@ def inspect_command(**kwargs: Any) -> None:
     from layerdecode.render import lens_grid, lens_table
 
     refuse_launched("inspect")
-    check_system(kwargs["system"], kwargs["raw"])
+    check_system(kwargs["system"], kwargs["raw"], kwargs["chat_template_kwargs"])
     resolved = resolve(kwargs["strategy"], kwargs["params"])
     options = chosen_options(kwargs)
     layers = parse_layer_spec(kwargs["layers_spec"]) if kwargs["layers_spec"] else None
     text = read_prompt(kwargs["prompt"])
     model, tokenizer = load_model(kwargs["model"], kwargs["dtype"])
-    prompt = build_prompt(tokenizer, text, system=kwargs["system"], chat=not kwargs["raw"])
+    prompt = prompt_of(tokenizer, text, kwargs)
     result = generate(model, tokenizer, prompt, strategy=resolved, options=options)
     lens = inspect_generation(model, tokenizer, result, layers=layers)
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .console import load_model
-from .options import CONTEXT_SETTINGS, model_options
+from .options import CONTEXT_SETTINGS, chat_template_option, model_options
 
 
 def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1) -> Any:
@@ -69,6 +69,7 @@ def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1)
     help="Also serve this model (repeatable): loaded at start, chosen by a request's "
     "'model'. Requests can name no other model.",
 )
+@chat_template_option
 @click.option(
     "--log-level",
     default="warning",
@@ -82,8 +83,9 @@ def serve_command(**kwargs: Any) -> None:
     Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
     GET /health, and a playground page at /. Requests choose their strategy with the
     extra body fields "strategy" and "strategy_params"; each choice carries the layer of
-    every token under "layerdecode". SIGINT/SIGTERM finish the requests in flight, then
-    exit 0.
+    every token under "layerdecode". A thinking model's reasoning comes apart from the
+    answer, as "reasoning" beside "content"; a chat request's "chat_template_kwargs" go
+    over --chat-template-kwargs. SIGINT/SIGTERM finish the requests in flight, then exit 0.
     """
     try:
         import uvicorn
@@ -124,6 +126,7 @@ def serve_command(**kwargs: Any) -> None:
         max_tokens_limit=kwargs["max_tokens_limit"],
         max_body_bytes=kwargs["max_body_bytes"],
         api_key=kwargs["api_key"] or None,
+        chat_template_kwargs=kwargs["chat_template_kwargs"] or {},
     )
     engine = Engine(models, max_batch=kwargs["max_batch"], max_queue=kwargs["max_queue"])
     app = create_app(engine, config)

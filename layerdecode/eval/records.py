@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -107,7 +107,10 @@ class EvalRecord(BaseModel):
     the index of the model's last layer, in the same numbering; ``share_non_final`` and
     ``mean_depth_below_final`` are derived from them (any value passed in is recomputed).
     ``hit_token_limit`` is true when generation stopped at the max-token cap rather than at an
-    end-of-sequence token -- usually a sign of a repetition loop.
+    end-of-sequence token -- usually a sign of a repetition loop. ``output`` is the answer
+    the score was taken from; a thinking model's reasoning is in ``reasoning``, and
+    ``parts`` then says of each token whether it was the ``reasoning``'s or the ``answer``'s
+    (empty: every token was the answer's).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -116,6 +119,7 @@ class EvalRecord(BaseModel):
     strategy: str
     prompt: str | list[dict[str, str]]
     output: str
+    reasoning: str | None = None
     extracted: str | None
     gold: str
     correct: bool
@@ -124,6 +128,7 @@ class EvalRecord(BaseModel):
     tokens_per_sec: float = Field(ge=0, description="Generation speed, prompt excluded.")
     hit_token_limit: bool
     layers: list[int] = Field(default_factory=list)
+    parts: list[Literal["reasoning", "answer"]] = Field(default_factory=list)
     final_layer: int = Field(ge=0)
     share_non_final: float | None = None
     mean_depth_below_final: float | None = None
@@ -135,6 +140,8 @@ class EvalRecord(BaseModel):
         bad = [layer for layer in self.layers if not 0 <= layer <= self.final_layer]
         if bad:
             raise ValueError(f"layers must lie in 0..final_layer={self.final_layer}; got {bad[0]}")
+        if self.parts and len(self.parts) != len(self.layers):
+            raise ValueError(f"parts has {len(self.parts)} entries for {len(self.layers)} layers")
         share, depth = layer_stats(self.layers, self.final_layer)
         object.__setattr__(self, "share_non_final", share)
         object.__setattr__(self, "mean_depth_below_final", depth)

@@ -32,6 +32,7 @@ class EvalPlan:
     strategies: dict[str, Any]  # name as given -> ResolvedStrategy
     options: GenerationOptions
     chat: bool
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 def plan_eval(
@@ -44,6 +45,7 @@ def plan_eval(
     offset: int = 0,
     limit: int | None = None,
     chat: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
     max_tokens: int | None = None,
     options: GenerationOptions | dict[str, Any] | None = None,
     **generation: Any,
@@ -52,8 +54,11 @@ def plan_eval(
 
     ``options`` (or keyword ``generation`` options) are the generation options of every
     strategy, over each preset's own defaults; ``max_tokens`` defaults to 256.
+    ``chat_template_kwargs`` are further arguments of the chat template
+    (``{"enable_thinking": False}``).
     """
     from ..config import resolve_strategy
+    from ..prompts import check_template_kwargs
 
     if not strategies:
         raise ConfigError("Give at least one strategy (the first one is the baseline).")
@@ -70,6 +75,11 @@ def plan_eval(
     items = task_obj.load(data, offset=offset, limit=limit)
     resolved = {spec: resolve_strategy(spec) for spec in strategies}
     gen = {**chosen.set_values(), "chat": chat}
+    if chat_template_kwargs is not None:  # kept out of older runs' configuration
+        if not chat:
+            raise ConfigError("chat_template_kwargs needs the chat template: drop chat=False.")
+        chat_template_kwargs = check_template_kwargs(chat_template_kwargs)
+        gen["chat_template_kwargs"] = chat_template_kwargs
     config = RunConfig(
         model=model,
         task=task,
@@ -91,11 +101,14 @@ def plan_eval(
         offset=offset,
         limit=limit,
     )
-    return EvalPlan(config, task_obj, items, resolved, chosen, chat)
+    return EvalPlan(config, task_obj, items, resolved, chosen, chat, chat_template_kwargs)
 
 
-def _prompt_ids(tokenizer, item: Item, chat: bool) -> list[int]:
-    return build_prompt(tokenizer, item.prompt if chat else item.prompt_text, chat=chat)
+def _prompt_ids(tokenizer, item: Item, plan: EvalPlan) -> list[int]:
+    prompt = item.prompt if plan.chat else item.prompt_text
+    return build_prompt(
+        tokenizer, prompt, chat=plan.chat, chat_template_kwargs=plan.chat_template_kwargs
+    )
 
 
 def run_eval(
@@ -197,7 +210,7 @@ def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) 
         todo = [item for item in chunk if (item.id, name) in pending]
         if not todo:
             continue
-        prompts = [_prompt_ids(tokenizer, item, plan.chat) for item in todo]
+        prompts = [_prompt_ids(tokenizer, item, plan) for item in todo]
         started = datetime.now(timezone.utc)
 
         def record(index: int, result, name=name, todo=todo, started=started):
@@ -209,6 +222,7 @@ def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) 
                     strategy=name,
                     prompt=item.prompt if plan.chat else item.prompt_text,
                     output=result.text,
+                    reasoning=result.reasoning,
                     extracted=score.extracted,
                     gold=item.gold,
                     correct=score.correct,
@@ -217,6 +231,7 @@ def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) 
                     tokens_per_sec=result.generation_tps,
                     hit_token_limit=result.finish_reason == "length",
                     layers=result.layers,
+                    parts=result.parts if result.reasoning is not None else [],
                     final_layer=result.num_layers - 1,
                     started_at=started,
                     finished_at=datetime.now(timezone.utc),
@@ -257,10 +272,11 @@ def evaluate(
     the model by ``model_name`` (default: the name or path given, else the architecture),
     so give distinct names to tell loaded models apart on resume. ``plan_options`` are
     :func:`plan_eval`'s: ``task_options`` (``shots``, ``exemplars``, ``system_prompt``,
-    ...), ``offset``, ``limit``, ``chat``, ``max_tokens``, and ``options`` (a
-    :class:`~layerdecode.options.GenerationOptions`) or generation options as keywords
-    (``temp``, ``top_p``, ``seed``, ``stop``, ...), which apply to every strategy; greedy,
-    at most 256 new tokens by default. Everything is checked before the model is loaded.
+    ...), ``offset``, ``limit``, ``chat``, ``chat_template_kwargs``, ``max_tokens``, and
+    ``options`` (a :class:`~layerdecode.options.GenerationOptions`) or generation options
+    as keywords (``temp``, ``top_p``, ``seed``, ``stop``, ...), which apply to every
+    strategy; greedy, at most 256 new tokens by default. Everything is checked before the
+    model is loaded.
     ``group`` (see :func:`layerdecode.distributed.init`) runs the eval on several ranks;
     ranks other than 0 return None.
     """

@@ -16,6 +16,7 @@ from importlib import import_module
 from typing import Any
 
 from layerdecode.eval.records import EvalRecord
+from layerdecode.reasoning import layers_by_part
 
 __all__ = [
     "wilson_interval",
@@ -25,10 +26,12 @@ __all__ = [
     "Summary",
     "Answer",
     "Disagreement",
+    "PartSummary",
     "busy_seconds",
     "complete_items",
     "summarize",
     "disagreements",
+    "part_summaries",
 ]
 
 Z_95 = 1.959963984540054
@@ -241,6 +244,39 @@ def summarize(records: Iterable[EvalRecord], strategies: Sequence[str] | None = 
         n_items=len(items),
         busy_seconds=busy_seconds(r for name in names for r in by_strategy[name].values()),
     )
+
+
+@dataclass
+class PartSummary:
+    """Layer use in one part of a strategy's outputs: the reasoning or the answer."""
+
+    strategy: str
+    part: str
+    tokens: int
+    share_non_final: float | None
+    mean_depth_below_final: float | None
+
+
+def part_summaries(records: Iterable[EvalRecord], strategies: Sequence[str]) -> list[PartSummary]:
+    """Per strategy, the layer use of its reasoning tokens and of its answer tokens; empty
+    when no record of these strategies had reasoning."""
+    records = [r for r in records if r.strategy in strategies]
+    if not any(r.reasoning is not None for r in records):
+        return []
+    found = []
+    for name in strategies:
+        # Depths below each record's own final layer, so that mixed models add up.
+        depths: dict[str, list[int]] = {}
+        for r in records:
+            if r.strategy != name:
+                continue
+            for part, layers in layers_by_part(r.layers, r.parts).items():
+                depths.setdefault(part, []).extend(r.final_layer - layer for layer in layers)
+        for part in ("reasoning", "answer"):
+            below = depths.get(part, [])
+            share = _mean([float(d > 0) for d in below])
+            found.append(PartSummary(name, part, len(below), share, _mean(below)))
+    return found
 
 
 @dataclass

@@ -298,8 +298,13 @@ class LayerdecodeLM(LM):
     def _generate(
         self, prompts: list[list[int]], options: Any, until: list[str]
     ) -> list[tuple[str, int]]:
-        """(text, generated tokens) per prompt; each row ends at its first stop string."""
+        """(answer text, generated tokens) per prompt; each row ends at its first stop string.
+
+        The text is cut at the first stop string, as mlx_lm.evaluate cuts it; a thinking
+        model's reasoning is then left out.
+        """
         from layerdecode.batch import batch_stream_resolved
+        from layerdecode.reasoning import split_reasoning
 
         tokens: list[list[int]] = [[] for _ in prompts]
         for row, response in batch_stream_resolved(
@@ -308,12 +313,9 @@ class LayerdecodeLM(LM):
             tokens[row].append(response.token)
         eos = set(self.tokenizer.eos_token_ids)
         out = []
-        for row_tokens in tokens:
+        for prompt, row_tokens in zip(prompts, tokens, strict=True):
             kept = [t for t in row_tokens if t not in eos]
             text = _cut_at_first(self.tokenizer.decode(kept), until)
-            if getattr(self.tokenizer, "has_thinking", False):
-                end = self.tokenizer.think_end
-                if (at := text.find(end)) >= 0:
-                    text = text[at + len(end) :]
-            out.append((text, len(row_tokens)))
+            answer, _ = split_reasoning(self.tokenizer, text, prompt)
+            out.append((answer, len(row_tokens)))
         return out

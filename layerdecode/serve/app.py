@@ -44,6 +44,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1_000_000
     api_key: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # requests' defaults
 
 
 class Disconnected(Exception):
@@ -117,7 +118,8 @@ class Handlers:
         self.check_key(request)
         req = parse(ChatRequest, await self.read_json(request))
         messages = check_messages(req.messages)
-        return await self.complete(request, req, messages, chat=True)
+        template = req.template_kwargs(self.config.chat_template_kwargs)
+        return await self.complete(request, req, messages, chat=True, template=template)
 
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
@@ -143,13 +145,15 @@ class Handlers:
         return HTMLResponse(html, headers={"Content-Security-Policy": _PAGE_POLICY})
 
     # --- generation ---------------------------------------------------------------
-    async def complete(self, request: Request, req: Any, prompt: Any, *, chat: bool) -> Response:
+    async def complete(
+        self, request: Request, req: Any, prompt: Any, *, chat: bool, template: Any = None
+    ) -> Response:
         model = self.model_of(req.model)
         tokenizer = self.engine.models[model][1]
         resolved = resolve_request_strategy(req.strategy, req.strategy_params, self.config.strategy)
         options = request_options(req, resolved, self.config.max_tokens_limit)
         try:
-            ids = build_prompt(tokenizer, prompt, chat=chat)
+            ids = build_prompt(tokenizer, prompt, chat=chat, chat_template_kwargs=template)
         except ConfigError as e:
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
         loop = asyncio.get_running_loop()
@@ -237,9 +241,10 @@ class Answer:
         out: dict[str, Any] = {
             "layers": [e.layer for e in kept],
             "entropies": [round(e.entropy, 4) for e in kept],
+            "parts": [e.part for e in kept],
         }
         if pieces:  # the text each token released, to colour it (streams only)
-            out["pieces"] = [e.text for e in kept]
+            out["pieces"] = [e.reasoning + e.text for e in kept]
             out["num_layers"] = events[-1].num_layers
         if summary:
             resolved = self.job.resolved
@@ -299,12 +304,8 @@ class Answer:
 
     def whole(self, events: list[TokenEvent]) -> dict[str, Any]:
         self.track(events)
-        text = "".join(e.text for e in events)
         choice: dict[str, Any] = {"index": 0, "finish_reason": events[-1].finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+        choice.update(self.output(events, key="message", role=True))
         choice["logprobs"] = self.logprobs(events)
         choice["layerdecode"] = self.extension(events, summary=True)
         return {
@@ -316,15 +317,21 @@ class Answer:
             "usage": self.usage(events),
         }
 
+    def output(self, events: list[TokenEvent], *, key: str, role: bool) -> dict[str, Any]:
+        """The answer text of ``events`` and their reasoning, if any, in the choice's shape:
+        under ``key`` (message, delta) for chat, as ``text`` and ``reasoning`` otherwise."""
+        body: dict[str, Any] = {"role": "assistant"} if role and self.chat else {}
+        body["content" if self.chat else "text"] = "".join(e.text for e in events)
+        reasoning = "".join(e.reasoning for e in events)
+        if reasoning:  # as mlx_lm.server: only when there is some
+            body["reasoning"] = reasoning
+        return {key: body} if self.chat else body
+
     def chunk(self, events: list[TokenEvent], *, first: bool) -> dict[str, Any]:
         self.track(events)
-        text = "".join(e.text for e in events)
         finish = events[-1].finish_reason
         choice: dict[str, Any] = {"index": 0}
-        if self.chat:
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
-        else:
-            choice["text"] = text
+        choice.update(self.output(events, key="delta", role=first))
         choice["finish_reason"] = finish
         choice["logprobs"] = self.logprobs(events)
         choice["layerdecode"] = self.extension(events, summary=finish is not None, pieces=True)

@@ -38,6 +38,8 @@ class TokenEvent:
     num_layers: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    reasoning: str = ""
+    part: str = "answer"
 
 
 @dataclass(eq=False)
@@ -211,6 +213,8 @@ class Engine:
                 r.num_layers,
                 item.logprob,
                 item.top,
+                r.reasoning,
+                r.part,
             )
             outbox.setdefault(job.loop, []).append((job, event))
             if r.finish_reason is not None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import ConfigError, GenerationOptions, list_strategies, resolve_strategy
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..errors import did_you_mean
+from ..prompts import check_template_kwargs
 
 ROLES = ("system", "developer", "user", "assistant")
 # GenerationOptions a request may set under their own names, beside OpenAI's fields.
@@ -108,6 +109,14 @@ class ChatRequest(CommonRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The chat template's arguments: the request's over the server's ``defaults``."""
+        try:
+            return check_template_kwargs({**defaults, **(self.chat_template_kwargs or {})})
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="chat_template_kwargs") from None
 
     def wanted_logprobs(self) -> int | None:
         """How many alternatives per token to return (``None``: no logprobs)."""
