@@ -63,7 +63,7 @@ def estimate_batch_bytes(
     adapter: Adapter, model: nn.Module, lengths: Sequence[int], max_tokens: int, exits: int
 ) -> int:
     """A rough upper bound of the memory a batch needs beyond the weights."""
-    from .adapters import model_setting
+    from .logit_rules import model_setting
 
     def setting(name: str, default: int) -> int:
         value = model_setting(model, name)
