@@ -284,16 +284,3 @@ def describe_strategy(spec: str) -> dict[str, Any]:
             "shadows": preset.shadows_strategy,
         }
     return data
-
-
-def __getattr__(name: str) -> Any:
-    if name == "GenerationDefaults":  # the options of a preset are GenerationOptions now
-        import warnings
-
-        warnings.warn(
-            "layerdecode.config.GenerationDefaults is now layerdecode.GenerationOptions",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return GenerationOptions
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

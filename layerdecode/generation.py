@@ -1,179 +1,107 @@
-"""The single-stream loop: ``generate_step`` -> ``stream_generate`` -> ``generate``.
+"""Single-stream generation: ``generate_step`` -> ``stream_generate`` -> ``generate``.
 
-It mirrors mlx-lm's three layers: :func:`generate_step` yields tokens (each with the layer
-it came from) from the step factory in :mod:`layerdecode.decode`; :func:`stream_generate`
+It mirrors mlx-lm's three layers over :class:`~layerdecode.engine.Engine`, with one row:
+:func:`generate_step` yields each token with the layer it came from; :func:`stream_generate`
 adds text, stop sequences and timings; :func:`generate` collects a whole
-:class:`GenerationResult`. Public entry points resolve the strategy and the options once;
-everything below them takes only the resolved forms.
+:class:`GenerationResult`. Every layer yields :class:`~layerdecode.engine.TokenEvent` s.
+Public entry points resolve the strategy and the options once; everything below them takes
+only the resolved forms.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .config import ResolvedStrategy, resolve_strategy
-from .decode import Decoder, LogitsProcessor, Sampler, pipelined
+from .engine import Engine, LogitsProcessor, Plan, Sampler, TokenEvent
 from .errors import ConfigError
 from .options import GenerationOptions
 from .prompts import encode_prompt
-from .reasoning import ANSWER, REASONING, layers_by_part
+from .reasoning import REASONING, layers_by_part
 from .strategy import Strategy
-from .text import OutputStream, Released
 
 # Keyword arguments of the step loops; every other keyword is a generation option.
 STEP_KEYS = ("max_kv_size", "prompt_cache", "prefill_step_size", "prompt_progress_callback")
 
 
-class Step(NamedTuple):
-    """One generated token and where it came from."""
-
-    token: int
-    layer: int
-    entropy: float
-    logprobs: mx.array
-    extras: dict[str, int]
-
-
 def generate_step(
-    prompt: mx.array,
+    prompt: mx.array | Sequence[int],
     model: nn.Module,
-    strategy: Strategy,
+    strategy: Strategy | ResolvedStrategy | str,
     *,
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    stop_tokens: Sequence[int] = (),
     **kwargs: Any,
-) -> Generator[Step, None, None]:
+) -> Generator[TokenEvent, None, None]:
     """Yield generated tokens, each decoded from the layer ``strategy`` selects.
 
     Args:
-        prompt: 1-D array of prompt token ids.
-        model: an mlx-lm model with a supported architecture (see ``adapters``).
-        strategy: a strategy object; it is ``prepare``-d here for this model.
+        prompt: the prompt's token ids.
+        model: an mlx-lm model.
+        strategy: a strategy object (or a name or a resolved strategy).
         max_tokens: number of tokens to generate (-1: no limit).
         sampler: maps log-probabilities ``(1, vocab)`` to a token; greedy by default.
         logits_processors: mlx-lm logits processors, applied to the strategy's logits.
+        stop_tokens: token ids that end the generation (the one that does is yielded).
         kwargs: as in mlx-lm: ``max_kv_size`` (a rotating cache of that size),
             ``prompt_cache`` (a cache from ``make_prompt_cache`` to fill and reuse),
             ``prefill_step_size`` (prompt tokens per forward pass, 2048) and
             ``prompt_progress_callback`` (called with (processed, total) prompt tokens).
+
+    Yields:
+        One :class:`~layerdecode.engine.TokenEvent` per token (without text).
     """
-    decoder = Decoder(model, strategy, sampler=sampler, logits_processors=logits_processors)
-    return decoder_steps(decoder, prompt, max_tokens=max_tokens, **kwargs)
-
-
-def decoder_steps(
-    decoder: Decoder,
-    prompt: mx.array,
-    *,
-    max_tokens: int,
-    max_kv_size: int | None = None,
-    prompt_cache: list[Any] | None = None,
-    prefill_step_size: int = 2048,
-    prompt_progress_callback: Callable[[int, int], None] | None = None,
-) -> Generator[Step, None, None]:
-    """:func:`generate_step` for a decoder that is already set up."""
-    if prompt.ndim != 1 or prompt.size == 0:
+    unknown = sorted(set(kwargs) - set(STEP_KEYS))
+    if unknown:
+        raise ConfigError(f"generate_step does not take {', '.join(unknown)}.")
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    if not ids or (isinstance(prompt, mx.array) and prompt.ndim != 1):
         raise ConfigError("The prompt is empty: give at least one token.")
-    if prompt_cache is None:
-        prompt_cache = make_prompt_cache(decoder.model, max_kv_size)
-    return _steps(
-        decoder,
-        prompt,
-        max_tokens=max_tokens,
-        cache=prompt_cache,
-        prefill_step_size=prefill_step_size,
-        progress=prompt_progress_callback,
-    )
-
-
-def _steps(
-    decoder: Decoder,
-    prompt: mx.array,
-    *,
-    max_tokens: int,
-    cache: list[Any],
-    prefill_step_size: int,
-    progress: Callable[[int, int], None] | None,
-) -> Generator[Step, None, None]:
     if max_tokens == 0:
-        return
-    histories = decoder.histories([prompt[:-1].tolist()])
-    last = decoder.prefill(prompt, cache, step_size=prefill_step_size, progress=progress)
-    produced = 0
-
-    def next_step(current):
-        nonlocal produced
-        produced += 1
-        if produced == max_tokens:
-            return None
-        return decoder.step(current.tokens, cache, histories)
-
-    for n, out in enumerate(pipelined(decoder.step(last, cache, histories), next_step)):
-        if n == 0:
-            mx.eval(out.tokens)
-            if progress is not None:
-                progress(prompt.size, prompt.size)
-        decision = out.decision
-        yield Step(
-            out.tokens.item(),
-            decision.layers.item(),
-            decision.entropy.item(),
-            out.logprobs.squeeze(0),
-            {k: v.item() for k, v in decision.extras.items()},
-        )
-        if n % 256 == 0:
-            mx.clear_cache()
+        return iter(())
+    plan = Plan(
+        resolve_strategy(strategy),
+        GenerationOptions(max_tokens=max_tokens),
+        sampler=sampler,
+        logits_processors=tuple(logits_processors or ()),
+        stop_tokens=tuple(stop_tokens),
+    )
+    return _one_row(model, None, ids, plan, kwargs)
 
 
-@dataclass
-class LayerResponse:
-    """One streamed piece of output, like mlx-lm's ``GenerationResponse``, plus its layer.
+def _one_row(
+    model: nn.Module, tokenizer: Any, prompt: list[int], plan: Plan, step_kwargs: dict[str, Any]
+) -> Generator[TokenEvent, None, None]:
+    """The events of one row decoded alone."""
+    engine = Engine(
+        model,
+        tokenizer,
+        prefill_step_size=step_kwargs.get("prefill_step_size", 2048),
+        max_kv_size=step_kwargs.get("max_kv_size"),
+    )
+    engine.add(
+        prompt,
+        plan,
+        key=0,
+        prompt_cache=step_kwargs.get("prompt_cache"),
+        progress=step_kwargs.get("prompt_progress_callback"),
+    )
+    return _events(engine)
 
-    Attributes:
-        text: the next segment of the answer text (may be empty).
-        token: the token id.
-        layer: 0-based decoder layer the token was decoded from (final: ``num_layers - 1``).
-        entropy: entropy in nats of that layer's distribution at this step.
-        extras: strategy-specific per-token facts (DoLa: ``premature_layer``).
-        logprobs: log-probabilities the token was sampled from.
-        num_layers: decoder layers of the model.
-        prompt_tokens: number of prompt tokens.
-        prompt_tps: prompt tokens per second.
-        generation_tokens: tokens generated so far.
-        generation_tps: generated tokens per second.
-        peak_memory: peak memory so far, in GB.
-        finish_reason: ``"stop"``, ``"length"`` or ``None`` before the last response.
-        matched_stop: the stop sequence that ended the generation, if one did.
-        reasoning: the next segment of the reasoning text (thinking models; may be empty).
-        part: ``"reasoning"`` for a token of the reasoning or its markers, else ``"answer"``.
-    """
 
-    text: str
-    token: int
-    layer: int
-    entropy: float
-    extras: dict[str, int]
-    logprobs: mx.array
-    num_layers: int
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float
-    finish_reason: str | None = None
-    matched_stop: str | None = None
-    reasoning: str = ""
-    part: str = ANSWER
+def _events(engine: Engine) -> Generator[TokenEvent, None, None]:
+    with wired_limit(engine.model, [generation_stream]):
+        for events in engine.run():
+            yield from events
 
 
 def resolve_call(
@@ -204,7 +132,7 @@ def stream_generate(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     **kwargs: Any,
-) -> Generator[LayerResponse, None, None]:
+) -> Generator[TokenEvent, None, None]:
     """Stream text decoded with ``strategy``; the last response carries the timings.
 
     Args:
@@ -242,103 +170,26 @@ def _wrap(tokenizer: Any) -> TokenizerWrapper:
     return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
 
 
-def make_decoder(
-    model: nn.Module,
-    resolved: ResolvedStrategy,
-    options: GenerationOptions,
-    *,
-    sampler: Sampler | None = None,
-    logits_processors: Iterable[LogitsProcessor] | None = None,
-) -> Decoder:
-    """The step factory for a resolved strategy and options (seeds MLX's random state)."""
-    options.seed_random()
-    return Decoder(
-        model,
-        resolved.strategy,
-        sampler=sampler or options.sampler(),
-        logits_processors=[*(logits_processors or ()), *options.logits_processors()],
-    )
-
-
 def stream_resolved(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
-    prompt: mx.array,
+    prompt: mx.array | Sequence[int],
     resolved: ResolvedStrategy,
     options: GenerationOptions,
     *,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     **step_kwargs: Any,
-) -> Generator[LayerResponse, None, None]:
+) -> Generator[TokenEvent, None, None]:
     """:func:`stream_generate` for a resolved strategy, options and encoded prompt.
 
-    ``step_kwargs`` are :func:`decoder_steps`' (``max_kv_size``, ``prompt_cache``...).
+    ``step_kwargs`` are :func:`generate_step`'s (``max_kv_size``, ``prompt_cache``...).
     """
-    max_tokens = options.max_tokens_or_default()
-    decoder = make_decoder(
-        model, resolved, options, sampler=sampler, logits_processors=logits_processors
+    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    plan = Plan(
+        resolved, options, sampler=sampler, logits_processors=tuple(logits_processors or ())
     )
-    steps = decoder_steps(decoder, prompt, max_tokens=max_tokens, **step_kwargs)
-    output = OutputStream(
-        tokenizer, max_tokens=max_tokens, stop=options.stop_sequences, prompt=prompt.tolist()
-    )
-    return _responses(model, prompt.size, decoder.num_layers, steps, output)
-
-
-def _responses(model, prompt_size, num_layers, steps, output):
-    with wired_limit(model, [generation_stream]):
-        tic = time.perf_counter()
-        prompt_tps = 0.0
-        for n, step in enumerate(steps):
-            if n == 0:
-                prompt_tps = prompt_size / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-            released = output.feed(step.token)
-            yield make_response(
-                released,
-                step,
-                num_layers=num_layers,
-                prompt_tokens=prompt_size,
-                prompt_tps=prompt_tps,
-                generated=n + 1,
-                tic=tic,
-                matched_stop=output.matched_stop,
-            )
-            if released.finish is not None:
-                break
-
-
-def make_response(
-    released: Released,
-    step: Step,
-    *,
-    num_layers: int,
-    prompt_tokens: int,
-    prompt_tps: float,
-    generated: int,
-    tic: float,
-    matched_stop: str | None = None,
-) -> LayerResponse:
-    """A :class:`LayerResponse` for one step's released text, with the speed since ``tic``."""
-    return LayerResponse(
-        text=released.text,
-        token=step.token,
-        layer=step.layer,
-        entropy=step.entropy,
-        extras=step.extras,
-        logprobs=step.logprobs,
-        num_layers=num_layers,
-        prompt_tokens=prompt_tokens,
-        prompt_tps=prompt_tps,
-        generation_tokens=generated,
-        generation_tps=generated / max(time.perf_counter() - tic, 1e-9),
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason=released.finish,
-        matched_stop=matched_stop,
-        reasoning=released.reasoning,
-        part=released.part,
-    )
+    return _one_row(model, tokenizer, ids, plan, step_kwargs)
 
 
 @dataclass
@@ -417,7 +268,7 @@ def generate(
 
 
 class ResultCollector:
-    """Builds a :class:`GenerationResult` from one sequence's :class:`LayerResponse` s.
+    """Builds a :class:`GenerationResult` from one sequence's :class:`TokenEvent` s.
 
     The single-stream loop and every row of a batch are collected by this class.
     """
@@ -432,9 +283,9 @@ class ResultCollector:
         self.layers: list[int] = []
         self.entropies: list[float] = []
         self.extras: dict[str, list[int]] = {}
-        self.last: LayerResponse | None = None
+        self.last: TokenEvent | None = None
 
-    def add(self, response: LayerResponse) -> None:
+    def add(self, response: TokenEvent) -> None:
         self.last = response
         self.pieces.append(response.text)
         self.reasoning.append(response.reasoning)
@@ -469,29 +320,3 @@ class ResultCollector:
             reasoning="".join(self.reasoning) if REASONING in self.parts else None,
             parts=self.parts,
         )
-
-
-def __getattr__(name: str) -> Any:
-    if name == "make_generation_options":
-        import warnings
-
-        warnings.warn(
-            f"layerdecode.generation.{name} is gone: pass options=GenerationOptions(...) "
-            "(or keywords) to generate/stream_generate/batch_generate",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return _make_generation_options
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _make_generation_options(
-    generation: GenerationOptions,
-    *,
-    sampler: Sampler | None = None,
-    logits_processors: Sequence[LogitsProcessor] | None = None,
-    **options: Any,
-) -> tuple[Sampler | None, list[LogitsProcessor]]:
-    """The old (sampler, processors) builder, kept for code written against it."""
-    chosen = GenerationOptions.build(**options).over(generation)
-    return sampler or chosen.sampler(), [*(logits_processors or ()), *chosen.logits_processors()]

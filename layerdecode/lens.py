@@ -11,10 +11,8 @@ terminal views in ``layerdecode.render``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -335,15 +333,3 @@ def inspect_generation(
         chosen_layers=chosen,
         prompt_length=len(result.prompt_tokens),
     )
-
-
-# Pictures moved to layerdecode.plots; the old names keep working, with a warning.
-_MOVED = dict.fromkeys(("plot_lens", "lens_html", "short_token"), "layerdecode.plots")
-
-
-def __getattr__(name: str) -> Any:
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{__name__}.{name} moved to {home}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(import_module(home), name)

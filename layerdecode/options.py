@@ -151,6 +151,34 @@ class GenerationOptions(BaseModel):
             top_k=self.top_k or 0,
         )
 
+    def keyed_sampler(self) -> Callable | None:
+        """The sampler of :meth:`sampler` drawing from a given key: ``f(logprobs, key)``.
+
+        mlx-lm's filters (top-p, min-p, top-k) and categorical draw, with the key passed in
+        rather than MLX's global random state: a seeded row draws the same tokens alone or
+        in a batch. ``None`` for greedy decoding.
+        """
+        if not self.temp:
+            return None
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        temp, top_p, min_p, top_k = self.temp, self.top_p or 0.0, self.min_p or 0.0, self.top_k
+        filters = []
+        if 0 < top_p < 1.0:
+            filters.append(lambda x: apply_top_p(x, top_p))
+        if min_p:
+            filters.append(lambda x: apply_min_p(x, min_p))
+        if top_k:
+            filters.append(lambda x: apply_top_k(x, top_k))
+
+        def sampler(logprobs, key):
+            for method in filters:
+                logprobs = method(logprobs)
+            return mx.random.categorical(logprobs * (1.0 / temp), key=key)
+
+        return sampler
+
     def logits_processors(self) -> list[Callable]:
         """mlx-lm's logits processors for these settings (the repetition penalty)."""
         if self.repetition_penalty is None or self.repetition_penalty == 1.0:

@@ -12,8 +12,9 @@ from rich.text import Text
 from .plots import short_token
 
 if TYPE_CHECKING:
+    from .engine import TokenEvent
     from .eval.stats import Disagreement, PartSummary, Summary
-    from .generation import GenerationResult, LayerResponse
+    from .generation import GenerationResult
     from .lens import LensResult
 
 # Depth below the final layer -> colour; deeper is warmer. (low, high) inclusive, high=None: open.
@@ -107,7 +108,7 @@ def part_legends(result: GenerationResult) -> list[Text]:
     ]
 
 
-def streamed_text(response: LayerResponse, *, show_layers: bool, separate: bool) -> Text:
+def streamed_text(response: TokenEvent, *, show_layers: bool, separate: bool) -> Text:
     """One streamed response: its reasoning dimmed, then its answer text, each coloured by
     the token's layer if asked; ``separate`` puts a blank line before the answer."""
     colour = layer_style(response.layer, response.num_layers) if show_layers else ""

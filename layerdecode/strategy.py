@@ -1,9 +1,15 @@
 """The strategy protocol: what every exit-layer policy implements.
 
-A strategy is created once from validated params, ``prepare``-d once per generation
-(when the number of layers is known) and asked to ``select`` at every step. ``select``
-must build its result from vectorised ``mx`` ops only: no ``.item()``, no ``tolist()``,
-no Python branching on array values, so the core loop keeps its asynchronous pipelining.
+A strategy is created once from validated params, ``prepare``-d once per model (when the
+number of layers is known) and asked to ``select`` at every step, for all the rows that use
+it at once. One strategy object may serve many rows and many requests: what belongs to one
+row (a random key, say) lives in the state :meth:`Strategy.new_state` makes, which the
+engine keeps with the row and hands over as ``view.states``.
+
+``select`` should build its result from vectorised ``mx`` ops only (no ``.item()``, no
+``tolist()``, no Python branching on array values), so that the engine schedules step n+1
+before step n is read. A strategy that must read values on the host sets
+:attr:`Strategy.host_sync`; the engine then reads each step before it builds the next.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .adapters import Adapter
 from .errors import ConfigError, one_line_error
 from .view import Exit, LayerView
 
@@ -64,6 +71,11 @@ class ModelFacts:
     model_type: str = ""
 
 
+def model_facts(adapter: Adapter) -> ModelFacts:
+    """What a strategy may know of the model an adapter decodes."""
+    return ModelFacts(adapter.num_layers, adapter.tied_embeddings, adapter.model_type)
+
+
 class Strategy:
     """Base class of exit-layer strategies.
 
@@ -109,8 +121,33 @@ class Strategy:
         return self.params.model_dump(mode="json")
 
     def prepare(self, model: ModelFacts) -> None:
-        """Bind to a model; called before each generation. Check depth-dependent params here."""
+        """Bind to a model; called once per model. Check depth-dependent params here."""
         self.model = model
+
+    @property
+    def host_sync(self) -> bool:
+        """Whether ``select`` reads array values on the host (default ``False``)."""
+        return False
+
+    def new_state(self, seed: int | None = None) -> Any:
+        """The state of one new row, kept by the engine and passed back in ``view.states``.
+
+        ``seed`` is the row's generation seed, when it has one (a strategy that draws at
+        random should then draw from a key of its own). The default keeps no state.
+        """
+        return None
+
+    def log_probs(self, view: LayerView) -> mx.array:
+        """Log-probabilities ``(rows, vocab)`` of the distribution ``select`` decodes from.
+
+        Scoring (the lm-eval model's log-likelihoods) asks for this. The default is the
+        log-softmax of ``select``'s logits; a strategy that mixes layers by drawing states
+        its mixture here.
+        """
+        import mlx.nn as nn
+
+        # mlx-lm's log-softmax (shifted by the max first), so that scores equal mlx-lm's.
+        return nn.log_softmax(self.select(view).logits.astype(mx.float32))
 
     def exits(self) -> Sequence[Exit]:
         """The exits ``select`` may read (decoded together, once per step)."""

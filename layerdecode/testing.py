@@ -145,6 +145,7 @@ def select_on(
     num_layers = int(layer_logits.shape[0])
     strategy.prepare(ModelFacts(num_layers, tied, "test"))
     view = view_over(layer_logits, embeddings=embeddings, exits=strategy.exits(), tied=tied)
+    view.states = [strategy.new_state() for _ in range(view.batch_size)]
     decision = strategy.select(view)
     mx.eval(decision.logits, decision.layers, decision.entropy, *decision.extras.values())
     return decision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
@@ -82,6 +83,8 @@ class LayerView:
         self._capture = capture
         self._final_logits = final_logits
         self.batch_size = final_logits.shape[0]
+        # Per row, the state its strategy made with ``new_state`` (set by the engine).
+        self.states: list[Any] = [None] * self.batch_size
         self._logits: dict[tuple[int, bool], mx.array] = {}
         self._entropy: dict[tuple[int, bool], mx.array] = {}
         self._position: dict[tuple[int, bool], int] = {}

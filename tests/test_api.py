@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-import layerdecode
 from layerdecode import GenerationOptions, batch_generate, generate, remove_taps, stream_generate
 from layerdecode.errors import ConfigError
 from layerdecode.taps import LayerTaps, is_tapped
@@ -74,15 +73,17 @@ def test_options_object_and_keywords_agree(pair):
 
 
 def test_preset_defaults_under_user_options(pair, monkeypatch):
+    from layerdecode.engine import Engine
+
     model, tokenizer = pair
     seen = []
-    real = layerdecode.decode.Decoder.__init__
+    real = Engine.add
 
-    def spy(self, model, strategy, *, sampler=None, logits_processors=None):
-        seen.append(len(logits_processors or []))
-        real(self, model, strategy, sampler=sampler, logits_processors=logits_processors)
+    def spy(self, prompt, plan, **kwargs):
+        seen.append(len(plan.options.logits_processors()))
+        return real(self, prompt, plan, **kwargs)
 
-    monkeypatch.setattr(layerdecode.decode.Decoder, "__init__", spy)
+    monkeypatch.setattr(Engine, "add", spy)
     generate(model, tokenizer, PROMPT, strategy="dola", max_tokens=2)  # preset: penalty 1.2
     generate(model, tokenizer, PROMPT, strategy="dola", max_tokens=2, repetition_penalty=1.0)
     assert seen == [1, 0]
@@ -91,10 +92,10 @@ def test_preset_defaults_under_user_options(pair, monkeypatch):
 def test_strategy_resolved_and_adapter_built_once(pair, monkeypatch):
     model, tokenizer = pair
     import layerdecode.config as config
-    import layerdecode.decode as decode
+    import layerdecode.engine as engine
 
     counts = {"preset": 0, "adapter": 0}
-    find, adapter = config.find_preset, decode.get_adapter
+    find, adapter = config.find_preset, engine.get_adapter
 
     def count_find(spec):
         counts["preset"] += 1
@@ -105,7 +106,7 @@ def test_strategy_resolved_and_adapter_built_once(pair, monkeypatch):
         return adapter(m)
 
     monkeypatch.setattr(config, "find_preset", count_find)
-    monkeypatch.setattr(decode, "get_adapter", count_adapter)
+    monkeypatch.setattr(engine, "get_adapter", count_adapter)
     generate(model, tokenizer, PROMPT, strategy="confident", max_tokens=3)
     assert counts == {"preset": 1, "adapter": 1}
     batch_generate(model, tokenizer, [PROMPT, "w3 w4"], strategy="confident", max_tokens=3)

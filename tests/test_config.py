@@ -139,11 +139,3 @@ def test_describe_strategy_of_preset_and_strategy():
     assert "preset" not in fixed and fixed["params"][0]["name"] == "layer"
     with pytest.raises(ConfigError, match="Did you mean 'confident'"):
         describe_strategy("confidnt")
-
-
-def test_generation_defaults_shim_warns():
-    from layerdecode.options import GenerationOptions
-
-    with pytest.warns(DeprecationWarning, match="GenerationOptions"):
-        from layerdecode.config import GenerationDefaults
-    assert GenerationDefaults is GenerationOptions

@@ -130,8 +130,3 @@ def test_bad_generation_options(option, value):
     kwargs[option] = value
     with pytest.raises(ConfigError, match=f"Invalid generation option {option}="):
         GenerationOptions.build(**kwargs)
-    # The old builder still answers, with a deprecation warning.
-    with pytest.warns(DeprecationWarning, match="make_generation_options"):
-        from layerdecode.generation import make_generation_options
-    with pytest.raises(ConfigError, match=f"Invalid generation option {option}="):
-        make_generation_options(GenerationOptions(), sampler=None, **kwargs)

@@ -7,7 +7,7 @@ import importlib
 import numpy as np
 import pytest
 
-from layerdecode import plots, render
+from layerdecode import plots
 from layerdecode.errors import ConfigError
 from layerdecode.lens import LensResult
 
@@ -54,31 +54,14 @@ def test_short_token():
     assert plots.short_token("  ") == "··"
 
 
-@pytest.mark.parametrize(
-    ("old", "name", "new"),
-    [
-        ("layerdecode.lens", "plot_lens", plots),
-        ("layerdecode.lens", "lens_html", plots),
-        ("layerdecode.lens", "short_token", plots),
-        ("layerdecode.eval.stats", "plot_summary", plots),
-        ("layerdecode.eval.stats", "figure_size", plots),
-        ("layerdecode.eval.stats", "render_summary", render),
-        ("layerdecode.eval.stats", "render_disagreements", render),
-        ("layerdecode.eval.stats", "format_duration", render),
-    ],
-)
-def test_old_names_warn_and_return_the_moved_object(old, name, new):
-    module = importlib.import_module(old)
-    message = f"{old}.{name} moved to {new.__name__}.{name}"
-    with pytest.warns(DeprecationWarning, match=message.replace(".", r"\.")):
-        found = getattr(module, name)
-    assert found is getattr(new, name)
-
-
-def test_unknown_names_still_raise_attribute_error():
-    for old in ("layerdecode.lens", "layerdecode.eval.stats"):
-        with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
-            _ = importlib.import_module(old).nothing_here
+def test_moved_names_are_gone_from_their_old_homes():
+    # Nothing was released before they moved: no aliases are kept.
+    for old, name in [
+        ("layerdecode.lens", "plot_lens"),
+        ("layerdecode.eval.stats", "render_summary"),
+    ]:
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            _ = getattr(importlib.import_module(old), name)
 
 
 def test_computing_modules_import_no_drawing_library():

@@ -424,7 +424,7 @@ def test_a_failing_generation_is_a_500_and_the_server_lives_on(tiny_model_dir, f
     import uvicorn
 
     from layerdecode import load, register_strategy
-    from layerdecode.serve import Engine, ServerConfig, create_app
+    from layerdecode.serve import ServerConfig, Worker, create_app
     from layerdecode.strategies.final import FinalStrategy
 
     @register_strategy("boom")
@@ -435,7 +435,7 @@ def test_a_failing_generation_is_a_500_and_the_server_lives_on(tiny_model_dir, f
             raise Boom("the strategy broke")
 
     model, tokenizer = load(str(tiny_model_dir))
-    app = create_app(Engine({"tiny": (model, tokenizer)}), ServerConfig())
+    app = create_app(Worker({"tiny": (model, tokenizer)}), ServerConfig())
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -139,23 +139,35 @@ def test_confident_p0_is_final_and_p1_is_selected():
     assert (expected != 9).any()
 
 
-def test_confident_p_mixing_is_seeded_and_per_row():
+def test_confident_p_mixing_draws_per_row():
     rng = np.random.default_rng(1)
     layer_logits = (rng.normal(size=(6, 4000, 12)) * rng.uniform(0.1, 6, (6, 4000, 1))).astype(
         np.float32
     )
     selected = confident_reference(layer_logits, 6, "trough")
     movable = selected != 5
-    a = np.array(select_on(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
-    b = np.array(select_on(get_strategy("confident", window=6, p=0.3, seed=7), layer_logits).layers)
-    c = np.array(select_on(get_strategy("confident", window=6, p=0.3, seed=8), layer_logits).layers)
-    np.testing.assert_array_equal(a, b)
-    assert (a != c).any()
+
+    def layers(**params):
+        return np.array(
+            select_on(get_strategy("confident", window=6, p=0.3, **params), layer_logits).layers
+        )
+
+    # Without a seed, MLX's global random state draws for every row.
+    mx.random.seed(7)
+    a = layers()
+    mx.random.seed(7)
+    np.testing.assert_array_equal(a, layers())
     # Each row is either its selected layer or the final one...
     assert np.all((a == selected) | (a == 5))
     # ...and about 30% of the rows that could move did.
     share = (a[movable] == selected[movable]).mean()
     assert abs(share - 0.3) < 0.05
+    # A seed gives each row a key of its own (the same alone or batched): rows seeded alike
+    # draw alike, so these rows all move, or none does.
+    for seed in range(6):
+        moved = layers(seed=seed)[movable] == selected[movable]
+        assert moved.all() or not moved.any()
+    assert len({bool((layers(seed=s)[movable] == selected[movable]).all()) for s in range(6)}) == 2
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def serve_command(**kwargs: Any) -> None:
     try:
         import uvicorn
 
-        from layerdecode.serve import Engine, ServerConfig, create_app
+        from layerdecode.serve import ServerConfig, Worker, create_app
     except ImportError as e:
         raise click.ClickException(
             f"The server needs the 'serve' extra ({e.name} is missing): "
@@ -128,8 +128,8 @@ def serve_command(**kwargs: Any) -> None:
         api_key=kwargs["api_key"] or None,
         chat_template_kwargs=kwargs["chat_template_kwargs"] or {},
     )
-    engine = Engine(models, max_batch=kwargs["max_batch"], max_queue=kwargs["max_queue"])
-    app = create_app(engine, config)
+    worker = Worker(models, max_batch=kwargs["max_batch"], max_queue=kwargs["max_queue"])
+    app = create_app(worker, config)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

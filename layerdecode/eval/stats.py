@@ -7,12 +7,10 @@ Data only: the tables are in ``layerdecode.render``, the figure in ``layerdecode
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from importlib import import_module
 from typing import Any
 
 from layerdecode.eval.records import EvalRecord
@@ -327,17 +325,3 @@ def disagreements(records: Iterable[EvalRecord], strategies: Sequence[str]) -> l
             )
         )
     return found
-
-
-# Tables and the figure moved out; the old names keep working, with a warning.
-_MOVED = dict.fromkeys(("format_duration", "render_summary", "render_disagreements"), "render")
-_MOVED |= dict.fromkeys(("plot_summary", "figure_size", "FIGURE_WIDTH_IN", "FIGURE_DPI"), "plots")
-
-
-def __getattr__(name: str) -> Any:
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new = f"layerdecode.{home}"
-    warnings.warn(f"{__name__}.{name} moved to {new}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(import_module(new), name)

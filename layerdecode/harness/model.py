@@ -303,14 +303,17 @@ class LayerdecodeLM(LM):
         The text is cut at the first stop string, as mlx_lm.evaluate cuts it; a thinking
         model's reasoning is then left out.
         """
-        from layerdecode.batch import batch_stream_resolved
+        from layerdecode.engine import Engine, Plan
         from layerdecode.reasoning import split_reasoning
 
+        engine = Engine(self._model, self.tokenizer)
+        plan = Plan(self.resolved, options)
+        for i, prompt in enumerate(prompts):
+            engine.add(prompt, plan, key=i)
         tokens: list[list[int]] = [[] for _ in prompts]
-        for row, response in batch_stream_resolved(
-            self._model, self.tokenizer, prompts, self.resolved, options
-        ):
-            tokens[row].append(response.token)
+        for events in engine.run():
+            for event in events:
+                tokens[event.row].append(event.token)
         eos = set(self.tokenizer.eos_token_ids)
         out = []
         for prompt, row_tokens in zip(prompts, tokens, strict=True):

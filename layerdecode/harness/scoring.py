@@ -7,29 +7,25 @@ batch: the same exits, one head call per chunk of positions, the same logits pro
 inside the strategy. Only the gathered positions are decoded, in chunks of ``chunk``
 rows, so memory stays bounded by ``chunk x exits x vocab``.
 
-Two things a decoding step does by drawing become exact here:
-
-- ``confident`` with ``p < 1`` decodes a token from the selected layer with probability
-  ``p`` and from the final layer otherwise; its score is the log of the mixture
-  ``p * P_selected + (1 - p) * P_final``.
-- A token the strategy masks out (a ``-inf`` logit, as DoLa's plausibility filter gives)
+Each position is scored with the distribution the strategy says it decodes from
+(:meth:`~layerdecode.strategy.Strategy.log_probs`): for a strategy that draws between layers,
+as ``confident`` with ``p < 1`` does, the mixture of what it draws from. A token the
+strategy masks out (a ``-inf`` logit, as DoLa's plausibility filter gives)
   scores ``masked_logprob`` (default -1000, the value DoLa's own scorer uses), so one
   implausible token does not make every answer ``-inf`` and tie.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from layerdecode.decode import Decoder
-from layerdecode.strategies.confident import ConfidentStrategy
-from layerdecode.strategy import Strategy
-from layerdecode.taps import Capture
+from layerdecode.adapters import get_adapter
+from layerdecode.strategy import Strategy, model_facts
+from layerdecode.taps import Capture, install_taps
 from layerdecode.view import LayerView
 
 
@@ -45,22 +41,6 @@ class Scores(NamedTuple):
 
     logprobs: mx.array  # (N,) float32
     greedy: mx.array  # (N,) bool
-
-
-def _log_softmax(logits: mx.array) -> mx.array:
-    return nn.log_softmax(logits.astype(mx.float32))
-
-
-def _mixture_twin(strategy: Strategy) -> tuple[float, Strategy] | None:
-    """``(p, the same strategy with p = 1)`` for a strategy that mixes layers by drawing."""
-    if isinstance(strategy, ConfidentStrategy) and 0.0 < strategy.params.p < 1.0:
-        params = {**strategy.resolved_params(), "p": 1.0, "seed": None}
-        if params.get("window") is not None:
-            params.pop("window_ratio", None)
-        else:
-            params.pop("window", None)
-        return strategy.params.p, type(strategy)(**params)
-    return None
 
 
 class PositionScorer:
@@ -81,16 +61,17 @@ class PositionScorer:
         chunk: int = 64,
         masked_logprob: float = -1000.0,
     ) -> None:
-        twin = _mixture_twin(strategy)
-        self.mix_p = twin[0] if twin else None
-        self.decoder = Decoder(model, twin[1] if twin else strategy)
+        self.adapter = get_adapter(model)
+        self.taps = install_taps(self.adapter.layers, self.adapter.hidden_of)
+        strategy.prepare(model_facts(self.adapter))
+        self.strategy, self.exits = strategy, tuple(strategy.exits())
         self.model = model
         self.chunk = chunk
         self.masked_logprob = masked_logprob
 
     def forward(self, tokens: mx.array, cache: list[Any] | None = None) -> ForwardPass:
         """Run ``tokens`` ``(B, T)`` through the model, recording every layer (lazily)."""
-        with self.decoder.taps.capture() as capture:
+        with self.taps.capture() as capture:
             logits = self.model(tokens, cache=cache)
         return ForwardPass(capture, logits)
 
@@ -103,20 +84,11 @@ class PositionScorer:
         ]
         if capture.embeddings is not None:
             gathered.embeddings = capture.embeddings[rows, positions][:, None, :]
-        return LayerView(
-            self.decoder.adapter, gathered, passed.logits[rows, positions], self.decoder.exits
-        )
+        return LayerView(self.adapter, gathered, passed.logits[rows, positions], self.exits)
 
     def logprobs(self, view: LayerView) -> mx.array:
         """Log-probabilities ``(rows, vocab)`` of what the strategy decodes from, in float32."""
-        decision = self.decoder.strategy.select(view)
-        logprobs = _log_softmax(decision.logits)
-        if self.mix_p is not None:
-            final = view.logprobs(view.final_layer)
-            logprobs = mx.logaddexp(
-                logprobs + math.log(self.mix_p), final + math.log(1.0 - self.mix_p)
-            )
-        return logprobs
+        return self.strategy.log_probs(view)
 
     def pick(self, logprobs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
         """Per row of ``logprobs`` ``(rows, vocab)``: the target's score (a masked target

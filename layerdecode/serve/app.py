@@ -1,6 +1,6 @@
 """The HTTP face: OpenAI-compatible endpoints over the generation thread.
 
-Handlers parse and validate on the event loop, queue a :class:`~.engine.Job` and stream
+Handlers parse and validate on the event loop, queue a :class:`~.worker.Job` and stream
 what the generation thread sends back. Every failure is answered in OpenAI's error shape.
 """
 
@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from .. import ConfigError, build_prompt, list_strategies
 from ..config import preset_registry  # preset names, without reading every preset file
-from .engine import Engine, Job, TokenEvent
+from ..engine import TokenEvent
 from .schemas import (
     ApiError,
     ChatRequest,
@@ -33,6 +33,7 @@ from .schemas import (
     request_options,
     resolve_request_strategy,
 )
+from .worker import Job, Worker
 
 
 @dataclass
@@ -52,10 +53,10 @@ class Disconnected(Exception):
 
 
 class Handlers:
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, worker: Worker, config: ServerConfig) -> None:
+        self.worker = worker
         self.config = config
-        self.default_model = next(iter(engine.models))
+        self.default_model = next(iter(worker.models))
 
     # --- checks -------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -91,8 +92,8 @@ class Handlers:
         if not name:
             return self.default_model
         name = self.config.aliases.get(name, name)
-        if name not in self.engine.models:
-            served = ", ".join(f"'{m}'" for m in self.engine.models)
+        if name not in self.worker.models:
+            served = ", ".join(f"'{m}'" for m in self.worker.models)
             raise ApiError(
                 404,
                 f"The model '{name}' is not served here: this server serves {served}.",
@@ -103,14 +104,14 @@ class Handlers:
 
     # --- endpoints ----------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.default_model, **self.engine.stats()})
+        return JSONResponse({"status": "ok", "model": self.default_model, **self.worker.stats()})
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
         created = int(time.time())
         models = [
             {"id": name, "object": "model", "created": created, "owned_by": "layerdecode"}
-            for name in self.engine.models
+            for name in self.worker.models
         ]
         return JSONResponse({"object": "list", "data": models})
 
@@ -149,7 +150,7 @@ class Handlers:
         self, request: Request, req: Any, prompt: Any, *, chat: bool, template: Any = None
     ) -> Response:
         model = self.model_of(req.model)
-        tokenizer = self.engine.models[model][1]
+        tokenizer = self.worker.models[model][1]
         resolved = resolve_request_strategy(req.strategy, req.strategy_params, self.config.strategy)
         options = request_options(req, resolved, self.config.max_tokens_limit)
         try:
@@ -158,12 +159,12 @@ class Handlers:
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
         loop = asyncio.get_running_loop()
         job = Job(ids, model, resolved, options, req.wanted_logprobs(), loop)
-        self.engine.submit(job)
+        self.worker.submit(job)
         answer = Answer(self, job, req, chat=chat)
         try:
             first = await self.next_events(request, job)
         except BaseException:
-            self.engine.cancel(job)
+            self.worker.cancel(job)
             raise
         if req.stream:
             return StreamingResponse(
@@ -182,7 +183,7 @@ class Handlers:
                         raise Disconnected()
         finally:
             if not (events and events[-1].finish_reason):
-                self.engine.cancel(job)
+                self.worker.cancel(job)
         return JSONResponse(answer.whole(events))
 
     async def next_events(self, request: Request, job: Job) -> list[TokenEvent]:
@@ -224,7 +225,7 @@ class Answer:
         self.chat = chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job.id}"
         self.created = _now()
-        self.tokenizer = handlers.engine.models[job.model][1]
+        self.tokenizer = handlers.worker.models[job.model][1]
         self.eos = set(self.tokenizer.eos_token_ids)
         self.count = 0
         self.layers: list[int] = []
@@ -277,7 +278,7 @@ class Answer:
                         "bytes": list(text.encode()),
                         "top_logprobs": [
                             {"token": (t := decode([i])), "logprob": lp, "bytes": list(t.encode())}
-                            for i, lp in e.top or []
+                            for i, lp in e.top_logprobs or []
                         ],
                     }
                 )
@@ -285,7 +286,7 @@ class Answer:
         return {
             "tokens": [decode([e.token]) for e in kept],
             "token_logprobs": [e.logprob for e in kept],
-            "top_logprobs": [{decode([i]): lp for i, lp in e.top or []} for e in kept],
+            "top_logprobs": [{decode([i]): lp for i, lp in e.top_logprobs or []} for e in kept],
         }
 
     def track(self, events: list[TokenEvent]) -> None:
@@ -365,7 +366,7 @@ class Answer:
             return
         finally:
             if not finished:
-                self.h.engine.cancel(self.job)
+                self.h.worker.cancel(self.job)
         yield "data: [DONE]\n\n"
 
 
@@ -398,19 +399,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(engine: Engine, config: ServerConfig) -> Starlette:
-    """The ASGI app; the engine's thread is started and stopped with the app's lifespan."""
+def create_app(worker: Worker, config: ServerConfig) -> Starlette:
+    """The ASGI app; the worker's thread is started and stopped with the app's lifespan."""
     from contextlib import asynccontextmanager
 
-    h = Handlers(engine, config)
+    h = Handlers(worker, config)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine.start()
+        worker.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(worker.stop)
 
     routes = [
         Route("/", h.playground, methods=["GET"]),

@@ -93,8 +93,9 @@ class ConfidentParams(StrategyParams):
     )
     seed: int | None = Field(
         None,
-        description="Seed of the draws that mix selected and final layers when p < 1 "
-        "(default: MLX's global random state, which --seed sets).",
+        description="Seed of the draws that mix selected and final layers when p < 1: each "
+        "row draws from its own key made from it, the same alone or in a batch (default: the "
+        "row's --seed; without either, MLX's global random state).",
     )
     scan: Literal["auto", "lazy", "eager"] = Field(
         "auto",
@@ -138,7 +139,6 @@ class ConfidentStrategy(Strategy):
             self.fixed_layer = min(max(n - 1 - offset, self.first_candidate), n - 1)
         else:
             self.fixed_layer = None
-        self._key = mx.random.key(params.seed) if params.seed is not None else None
         scan = params.scan
         if scan == "auto":
             # Measured on the CPU (docs/performance.md); on a GPU one head call over all
@@ -146,6 +146,35 @@ class ConfidentStrategy(Strategy):
             scan = "lazy" if mx.default_device() == mx.cpu else "eager"
         self.lazy = scan == "lazy" and self.fixed_layer is None and params.p > 0.0
         self.stats = ScanStats()
+        self._twin: ConfidentStrategy | None = None
+
+    @property
+    def host_sync(self) -> bool:
+        # The lazy scan reads each round's entropies on the host to decide who walks on.
+        return self.lazy
+
+    def new_state(self, seed: int | None = None) -> _Draws | None:
+        """A row's own key for the draws of ``p < 1`` (the strategy's ``seed``, else the
+        row's); without either, draws come from MLX's global random state."""
+        if not 0.0 < self.params.p < 1.0:
+            return None
+        base = self.params.seed if self.params.seed is not None else seed
+        return _Draws(mx.random.key(base)) if base is not None else None
+
+    def log_probs(self, view: LayerView) -> mx.array:
+        """With ``p < 1``, the mixture ``p * P_selected + (1 - p) * P_final`` a draw decodes
+        from; otherwise the selected layer's distribution."""
+        p = self.params.p
+        if not 0.0 < p < 1.0:
+            return super().log_probs(view)
+        if self._twin is None:
+            params = {**self.resolved_params(), "p": 1.0, "seed": None}
+            params.pop("window_ratio" if params.get("window") is not None else "window", None)
+            self._twin = type(self)(**params)
+            self._twin.prepare(self.model)
+        selected = Strategy.log_probs(self._twin, view)
+        final = view.logprobs(view.final_layer)
+        return mx.logaddexp(selected + math.log(p), final + math.log(1.0 - p))
 
     def exits(self) -> list[Exit]:
         if self.params.p == 0.0 or self.lazy:
@@ -175,7 +204,7 @@ class ConfidentStrategy(Strategy):
             chosen = self._valley(entropy)
         final_position = len(layers) - 1
         if self.params.p < 1.0:
-            use_selected = self._uniform(view.batch_size) < self.params.p
+            use_selected = self._uniform(view) < self.params.p
             chosen = mx.where(use_selected, chosen, final_position)
         chosen = chosen.astype(mx.int32)
         logits = mx.take_along_axis(stacked, chosen[None, :, None], axis=0)[0]
@@ -200,7 +229,7 @@ class ConfidentStrategy(Strategy):
         use = [True] * batch
         checks = [entropy[1] < entropy[0]] if len(top) == 2 else []
         if self.params.p < 1.0:
-            checks.append(self._uniform(batch) < self.params.p)
+            checks.append(self._uniform(view) < self.params.p)
         mx.eval(checks)
         if self.params.p < 1.0:
             use = checks.pop().tolist()
@@ -283,8 +312,23 @@ class ConfidentStrategy(Strategy):
             position = mx.clip(position + shift, 0, k - 1)
         return position
 
-    def _uniform(self, batch_size: int) -> mx.array:
-        if self._key is None:
-            return mx.random.uniform(shape=(batch_size,))
-        self._key, key = mx.random.split(self._key)
-        return mx.random.uniform(shape=(batch_size,), key=key)
+    def _uniform(self, view: LayerView) -> mx.array:
+        """One uniform draw per row: from the row's own key if it has one."""
+        states = view.states
+        if all(state is None for state in states):
+            return mx.random.uniform(shape=(view.batch_size,))
+        draws = []
+        for state in states:
+            if state is None:
+                draws.append(mx.random.uniform(shape=(1,)))
+            else:
+                state.key, key = mx.random.split(state.key)
+                draws.append(mx.random.uniform(shape=(1,), key=key))
+        return draws[0] if len(draws) == 1 else mx.concatenate(draws)
+
+
+@dataclass
+class _Draws:
+    """A row's random key for the draws of ``p < 1``."""
+
+    key: mx.array

@@ -1,45 +1,30 @@
 """The generation thread: every MLX call of the server happens here.
 
-The event loop parses and validates a request, then :meth:`Engine.submit`-s a
-:class:`Job`; this thread admits waiting jobs into continuous batches (one
-:class:`~layerdecode.live.LiveBatch` per strategy and sampling options, stepped in turn),
-and hands each token back to the job's asyncio queue. MLX streams are bound to the thread
-that made them, so no other thread touches the model.
+The event loop parses and validates a request, then :meth:`Worker.submit`-s a :class:`Job`;
+this thread adds waiting jobs as rows of the served model's one
+:class:`~layerdecode.engine.Engine` (whatever their strategy and sampling options: they share
+every forward pass), steps it, and hands each token back to the job's asyncio queue. MLX
+streams are bound to the thread that made them, so no other thread touches the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import ConfigError, GenerationOptions, LiveBatch, ResolvedStrategy
+from ..config import ResolvedStrategy
+from ..engine import Engine, Plan, TokenEvent
+from ..errors import ConfigError
+from ..options import GenerationOptions
 from .schemas import ApiError
 
 log = logging.getLogger("layerdecode.serve")
 _ids = itertools.count(1)
-
-
-@dataclass
-class TokenEvent:
-    """One generated token as the HTTP side sees it (plain Python values)."""
-
-    text: str
-    token: int
-    layer: int
-    entropy: float
-    finish_reason: str | None
-    prompt_tokens: int
-    num_layers: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    reasoning: str = ""
-    part: str = "answer"
 
 
 @dataclass(eq=False)
@@ -55,28 +40,19 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
-    done: bool = False
 
-    def key(self) -> str:
-        """Jobs with equal keys share a batch: the same strategy and sampling options."""
-        sampling = self.options.set_values()
-        sampling.pop("max_tokens", None)
-        sampling.pop("stop", None)
-        return json.dumps(
-            [self.model, self.resolved.label, self.resolved.strategy.resolved_params(), sampling],
-            sort_keys=True,
-            default=str,
-        )
+    def plan(self) -> Plan:
+        return Plan(self.resolved, self.options, logprobs=self.logprobs)
 
     def send(self, item: TokenEvent | ApiError) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-class Engine:
-    """Owns the models and the generation thread; jobs wait in a bounded queue.
+class Worker:
+    """Owns the models, their engines and the generation thread; jobs wait in a bounded queue.
 
     ``models`` maps each served model's id to its ``(model, tokenizer)``; the first is the
-    default.
+    default. At most ``max_batch`` jobs generate at once, over all models.
     """
 
     def __init__(
@@ -88,8 +64,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.waiting: deque[Job] = deque()
-        self.running: dict[int, tuple[Job, str]] = {}
-        self.batches: dict[str, LiveBatch] = {}
+        self.running: dict[int, Job] = {}
+        self.engines: dict[str, Engine] = {}
         self.lock = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="layerdecode-generation", daemon=True)
@@ -121,7 +97,7 @@ class Engine:
             self.lock.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client went away: the job's row leaves its batch at the next step."""
+        """The client went away: the job's row leaves its engine at the next step."""
         job.cancelled = True
 
     def stats(self) -> dict[str, int]:
@@ -137,39 +113,24 @@ class Engine:
                 admitted = []
                 while self.waiting and len(self.running) + len(admitted) < self.max_batch:
                     admitted.append(self.waiting.popleft())
-            try:
-                for job in admitted:
-                    self._admit(job)
-                self._drop_cancelled()
-                for key in list(self.batches):
-                    self._step(key)
-            except Exception as e:  # noqa: BLE001 - a bug here must not stop the thread
-                log.exception("the generation loop failed")
-                self._fail_all(e)
+            for job in admitted:
+                self._admit(job)
+            self._drop_cancelled()
+            for name in list(self.engines):
+                self._step(name)
 
-    def _fail_all(self, error: Exception) -> None:
-        for job, _ in self.running.values():
-            job.send(ApiError(500, f"Generation failed: {error}", kind="server_error"))
-        self.running.clear()
-        self.batches.clear()
+    def _engine(self, name: str) -> Engine:
+        engine = self.engines.get(name)
+        if engine is None:
+            model, tokenizer = self.models[name]
+            engine = self.engines[name] = Engine(model, tokenizer)
+        return engine
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
-        key = job.key()
         try:
-            batch = self.batches.get(key)
-            if batch is None:
-                model, tokenizer = self.models[job.model]
-                batch = LiveBatch(model, tokenizer, job.resolved, job.options)
-                self.batches[key] = batch
-            batch.add(
-                job.id,
-                job.prompt,
-                max_tokens=job.options.max_tokens_or_default(),
-                stop=job.options.stop_sequences,
-                logprobs=job.logprobs,
-            )
+            self._engine(job.model).add(job.prompt, job.plan(), key=job.id)
         except ConfigError as e:
             job.send(ApiError(400, str(e), param="strategy_params"))
             return
@@ -177,52 +138,37 @@ class Engine:
             log.exception("could not start a generation")
             job.send(ApiError(500, f"Generation failed: {e}", kind="server_error"))
             return
-        self.running[job.id] = (job, key)
+        self.running[job.id] = job
 
     def _drop_cancelled(self) -> None:
-        for job, key in list(self.running.values()):
+        for job in list(self.running.values()):
             if job.cancelled:
-                self.batches[key].cancel(job.id)
+                self.engines[job.model].cancel(job.id)
                 del self.running[job.id]
 
-    def _step(self, key: str) -> None:
-        batch = self.batches[key]
+    def _step(self, name: str) -> None:
+        engine = self.engines[name]
         try:
-            responses = batch.step()
-        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
+            events = engine.step()
+        except Exception as e:  # noqa: BLE001 - fail this model's requests, keep serving
             log.exception("generation failed")
-            del self.batches[key]
-            for job, job_key in list(self.running.values()):
-                if job_key == key:
+            del self.engines[name]
+            for job in list(self.running.values()):
+                if job.model == name:
                     del self.running[job.id]
                     job.send(ApiError(500, f"Generation failed: {e}", kind="server_error"))
             return
         outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, TokenEvent]]] = {}
-        for item in responses:
-            entry = self.running.get(item.key)
-            if entry is None:
+        for event in events:
+            job = self.running.get(event.row)
+            if job is None:
                 continue
-            job, r = entry[0], item.response
-            event = TokenEvent(
-                r.text,
-                r.token,
-                r.layer,
-                r.entropy,
-                r.finish_reason,
-                r.prompt_tokens,
-                r.num_layers,
-                item.logprob,
-                item.top,
-                r.reasoning,
-                r.part,
-            )
+            event.logprobs = None  # the HTTP side reads plain values only
             outbox.setdefault(job.loop, []).append((job, event))
-            if r.finish_reason is not None:
-                del self.running[item.key]
+            if event.finish_reason is not None:
+                del self.running[job.id]
         for loop, items in outbox.items():  # one wake-up of the event loop per step
             loop.call_soon_threadsafe(_deliver, items)
-        if len(batch) == 0:
-            del self.batches[key]
 
 
 def _deliver(items: list[tuple[Job, TokenEvent]]) -> None:

@@ -1,0 +1,534 @@
+"""The decoding engine: one loop over the model for every face.
+
+An :class:`Engine` owns a model's caches and its live rows. Each row carries its
+:class:`Plan`: the strategy (and params), the sampling options, logits processors, stop
+rules, token budget and its own random key. Every step runs **one** forward pass for all
+live rows, with the decoder layers tapped; then each strategy's ``select`` once, over a view
+of the rows that share it; then the processors and the sampler of each row. Rows join
+(prefilled together, then merged into the running caches, which only adds masked padding)
+and leave between steps. The step for the rows running now is scheduled before the previous
+one is read (``mx.async_eval``), as in mlx-lm's own loop, unless a strategy declares that it
+synchronises with the host.
+
+Single-stream generation is an engine with one row; ``batch_generate``, ``eval``,
+``compare``, the lm-eval model and the server drive the same engine. Every token comes out
+as one :class:`TokenEvent`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import PromptProcessingBatch, generation_stream
+from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
+
+from .adapters import get_adapter
+from .errors import ConfigError
+from .events import LogitsProcessor, Plan, Sampler, TokenEvent, greedy, log_softmax, top_logprobs
+from .strategy import Decision, ModelFacts, Strategy, model_facts
+from .taps import Capture, install_taps
+from .text import OutputStream
+from .view import LayerView
+
+# -- rows and strategy groups ----------------------------------------------------------------
+
+
+class _Group:
+    """The rows that share one strategy object."""
+
+    def __init__(self, strategy: Strategy, facts: ModelFacts) -> None:
+        strategy.prepare(facts)
+        self.strategy = strategy
+        self.exits = tuple(strategy.exits())
+
+
+@dataclass(eq=False)
+class _Row:
+    key: Hashable
+    prompt: list[int]
+    plan: Plan
+    group: _Group
+    state: Any
+    sampler: Sampler | None  # None: greedy
+    keyed: Callable[[mx.array, mx.array], mx.array] | None  # a seeded row's sampler
+    random_key: mx.array | None
+    processors: list[LogitsProcessor]
+    history: TokenBuffer | None
+    output: OutputStream | None
+    max_tokens: int
+    stop_tokens: frozenset[int]
+    prompt_cache: list[Any] | None = None
+    progress: Callable[[int, int], None] | None = None
+    count: int = 0
+    done: bool = False
+    prompt_tps: float = 0.0
+    tic: float = 0.0
+
+    def budget_ends_next(self) -> bool:
+        return 0 < self.max_tokens <= self.count + 1
+
+
+class _RowsCapture:
+    """The captured hidden states of some rows of a step (sliced when read)."""
+
+    def __init__(self, capture: Capture, index: mx.array) -> None:
+        self._capture, self._index = capture, index
+
+    @property
+    def embeddings(self) -> mx.array | None:
+        h = self._capture.embeddings
+        return None if h is None else h[self._index]
+
+    @property
+    def outputs(self) -> _RowsOutputs:
+        return _RowsOutputs(self._capture.outputs, self._index)
+
+
+class _RowsOutputs:
+    def __init__(self, outputs: list[Any], index: mx.array) -> None:
+        self._outputs, self._index = outputs, index
+
+    def __getitem__(self, layer: int) -> mx.array | None:
+        h = self._outputs[layer]
+        return None if h is None else h[self._index]
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+
+@dataclass
+class _Step:
+    """One step for every row, still lazy."""
+
+    tokens: mx.array  # (rows,)
+    logprobs: mx.array  # (rows, vocab)
+    layers: mx.array  # (rows,)
+    entropy: mx.array  # (rows,)
+    extras: list[tuple[list[int], dict[str, mx.array]]]  # (row positions, arrays) per group
+
+    def arrays(self) -> list[mx.array]:
+        out = [self.tokens, self.logprobs, self.layers, self.entropy]
+        for _, extras in self.extras:
+            out.extend(extras.values())
+        return out
+
+    def take(self, keep: list[int]) -> _Step:
+        index = mx.array(keep)
+        where = {old: new for new, old in enumerate(keep)}
+        extras = []
+        for positions, arrays in self.extras:
+            kept = [(i, where[p]) for i, p in enumerate(positions) if p in where]
+            if kept:
+                rows = mx.array([i for i, _ in kept])
+                extras.append(([p for _, p in kept], {k: v[rows] for k, v in arrays.items()}))
+        return _Step(
+            self.tokens[index], self.logprobs[index], self.layers[index], self.entropy[index],
+            extras,
+        )  # fmt: skip
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+_keys = itertools.count()
+
+
+class Engine:
+    """A model's caches and live rows; :meth:`step` advances every row by one token.
+
+    Args:
+        model: an mlx-lm model (any architecture :func:`~layerdecode.adapters.get_adapter`
+            accepts).
+        tokenizer: an mlx-lm ``TokenizerWrapper``; without one, rows end at their
+            ``stop_tokens`` or budget and events carry no text.
+        prefill_step_size: prompt tokens per forward pass while prefilling.
+        max_kv_size: a rotating cache of that many positions per row (as in mlx-lm).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        prefill_step_size: int = 2048,
+        max_kv_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.taps = install_taps(self.adapter.layers, self.adapter.hidden_of)
+        self.facts = model_facts(self.adapter)
+        self.tokenizer = tokenizer
+        self.prefill_step_size = prefill_step_size
+        self.max_kv_size = max_kv_size
+        self.groups: dict[str, _Group] = {}
+        self.waiting: list[_Row] = []
+        self.rows: list[_Row] = []  # the rows of ``upcoming``, in cache order
+        self.cache: list[Any] | None = None
+        self.batched = False  # the caches are mlx-lm's batch caches
+        self.upcoming: _Step | None = None
+        self.steps = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        plan: Plan,
+        *,
+        key: Hashable | None = None,
+        prompt_cache: list[Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Hashable:
+        """Queue a row; it is prefilled and generates from the next :meth:`step` on.
+
+        Args:
+            prompt: the prompt's token ids (at least one).
+            plan: how the row decodes.
+            key: the row's key in its events (default: a new integer).
+            prompt_cache: a cache from ``make_prompt_cache`` to fill and reuse (only for a
+                row that runs alone).
+            progress: called with (processed, total) prompt tokens while prefilling.
+
+        Returns:
+            The row's key.
+        """
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ConfigError("The prompt is empty: give at least one token.")
+        options = plan.options
+        max_tokens = options.max_tokens_or_default()
+        if max_tokens == 0:
+            raise ConfigError("max_tokens must be positive (-1: no limit).")
+        group = self._group(plan)
+        processors = [*plan.logits_processors, *options.logits_processors()]
+        sampler = plan.sampler or options.sampler()
+        keyed = None
+        random_key = None
+        if plan.sampler is None and options.seed is not None and sampler is not None:
+            keyed, random_key = options.keyed_sampler(), mx.random.key(options.seed)
+        stop = plan.stop_tokens
+        if stop is None:
+            stop = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
+        output = None
+        if self.tokenizer is not None:
+            output = OutputStream(
+                self.tokenizer, max_tokens=max_tokens, stop=options.stop_sequences, prompt=prompt
+            )
+            output.eos = set(stop)
+        row = _Row(
+            key=next(_keys) if key is None else key,
+            prompt=prompt,
+            plan=plan,
+            group=group,
+            state=group.strategy.new_state(options.seed),
+            sampler=sampler,
+            keyed=keyed,
+            random_key=random_key,
+            processors=processors,
+            history=TokenBuffer(prompt[:-1]) if processors else None,
+            output=output,
+            max_tokens=max_tokens,
+            stop_tokens=frozenset(stop),
+            prompt_cache=prompt_cache,
+            progress=progress,
+        )
+        self.waiting.append(row)
+        return row.key
+
+    def _group(self, plan: Plan) -> _Group:
+        key = plan.strategy_key()
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(plan.strategy.strategy, self.facts)
+        return group
+
+    def cancel(self, key: Hashable) -> None:
+        """End a row (its client went away): it leaves before the next step."""
+        self.waiting = [r for r in self.waiting if r.key != key]
+        for row in self.rows:
+            if row.key == key:
+                row.done = True
+
+    def __len__(self) -> int:
+        """Rows waiting or generating."""
+        return len(self.waiting) + sum(not r.done for r in self.rows)
+
+    def run(self) -> Iterator[list[TokenEvent]]:
+        """Step until every row has ended; one list of events per step."""
+        while len(self):
+            events = self.step()
+            if events:
+                yield events
+
+    # -- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """One token for every running row (rows added now answer at the next step)."""
+        current, rows = self._settle()
+        if current is None:
+            if not self.waiting:
+                return []
+            current = self._build(None)
+            rows = list(self.rows)
+        ending = all(r.budget_ends_next() for r in rows)
+        follow = self.waiting or not ending
+        syncs = any(r.group.strategy.host_sync for r in rows) or any(
+            r.group.strategy.host_sync for r in self.waiting
+        )
+        if follow and not syncs:
+            self.upcoming = self._build(current.tokens)
+        events = self._read(current, rows)
+        if follow and syncs:
+            # The strategy reads values on the host while it selects: read this step
+            # first, so that the finished rows are not decoded again.
+            self.upcoming = self._build(current.tokens)
+        self.steps += 1
+        if self.steps % 256 == 0:
+            mx.clear_cache()
+        return events
+
+    def _settle(self) -> tuple[_Step | None, list[_Row]]:
+        current, self.upcoming = self.upcoming, None
+        if current is None:
+            self.rows, self.cache, self.batched = [], None, False
+            return None, []
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if not keep:
+            return self._settle()  # nothing left: start afresh
+        if len(keep) < len(self.rows):
+            index = mx.array(keep)
+            for c in self.cache or ():
+                c.filter(index)
+            self.rows = [self.rows[i] for i in keep]
+            current = current.take(keep)
+        return current, list(self.rows)
+
+    def _build(self, tokens: mx.array | None) -> _Step:
+        joiners, self.waiting = self.waiting, []
+        if joiners:
+            last = self._prefill(joiners)
+            tokens = last if tokens is None else mx.concatenate([tokens, last])
+        out = self._decide(tokens)
+        mx.async_eval(*out.arrays())
+        return out
+
+    # -- prefill -------------------------------------------------------------------------
+
+    def _prefill(self, joiners: list[_Row]) -> mx.array:
+        """Prefill the joiners' prompts (all but their last token) into the caches."""
+        tic = time.perf_counter()
+        if not self.rows and len(joiners) == 1:
+            row = joiners[0]
+            cache = row.prompt_cache or make_prompt_cache(self.model, self.max_kv_size)
+            self._prefill_alone(row, cache)
+            self.cache, self.batched = cache, False
+        else:
+            if any(r.prompt_cache is not None for r in joiners):
+                raise ConfigError("A prompt cache can be given only to a row that runs alone.")
+            self._prefill_together(joiners)
+        now = time.perf_counter()
+        total = sum(len(r.prompt) for r in joiners)
+        for r in joiners:
+            r.prompt_tps = total / max(now - tic, 1e-9)
+            r.tic = now
+        self.rows += joiners
+        return mx.array([r.prompt[-1] for r in joiners], dtype=mx.uint32)
+
+    def _prefill_alone(self, row: _Row, cache: list[Any]) -> None:
+        prompt = mx.array(row.prompt, dtype=mx.uint32)
+        total, done = prompt.size, 0
+        progress = row.progress or (lambda *_: None)
+        progress(done, total)
+        with mx.stream(generation_stream):
+            while total - done > 1:
+                n = min(self.prefill_step_size, total - done - 1)
+                self.model(prompt[done : done + n][None], cache=cache)
+                mx.eval([c.state for c in cache])
+                done += n
+                progress(done, total)
+                mx.clear_cache()
+        progress(total, total)
+
+    def _prefill_together(self, joiners: list[_Row]) -> None:
+        model = self.model
+        with mx.stream(generation_stream):
+            prefill = PromptProcessingBatch(
+                model,
+                uids=list(range(len(joiners))),
+                caches=[make_prompt_cache(model, self.max_kv_size) for _ in joiners],
+                prefill_step_size=self.prefill_step_size,
+            )
+            if any(len(r.prompt) > 1 for r in joiners):
+                prefill.prompt([r.prompt[:-1] for r in joiners])
+        if self.cache is None:
+            self.cache = prefill.prompt_cache
+        else:
+            if not self.batched:  # the row running alone joins mlx-lm's batch caches
+                self.cache = [c.merge([c]) for c in self.cache]
+            for mine, theirs in zip(self.cache, prefill.prompt_cache, strict=True):
+                mine.extend(theirs)
+        self.batched = True
+        for r in joiners:
+            if r.progress is not None:
+                r.progress(len(r.prompt), len(r.prompt))
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def _decide(self, tokens: mx.array) -> _Step:
+        """Forward pass for every row, each group's ``select``, processors, sampling."""
+        rows = self.rows
+        with mx.stream(generation_stream):
+            with self.taps.capture() as capture:
+                logits = self.model(tokens[:, None], cache=self.cache)
+            final = logits[:, -1, :]
+            groups: dict[int, tuple[_Group, list[int]]] = {}
+            for position, row in enumerate(rows):
+                groups.setdefault(id(row.group), (row.group, []))[1].append(position)
+            decided: list[tuple[list[int], Decision]] = []
+            for group, positions in groups.values():
+                if len(positions) == len(rows):
+                    view = LayerView(self.adapter, capture, final, group.exits)
+                else:
+                    index = mx.array(positions)
+                    view = LayerView(
+                        self.adapter, _RowsCapture(capture, index), final[index], group.exits
+                    )
+                view.states = [rows[p].state for p in positions]
+                decided.append((positions, group.strategy.select(view)))
+            logits, layers, entropy = _in_row_order(decided, len(rows))
+            logits = self._process(logits, tokens, rows)
+            logprobs = log_softmax(logits)
+            sampled = self._sample(logprobs, rows)
+        extras = [(positions, d.extras) for positions, d in decided if d.extras]
+        return _Step(sampled, logprobs, layers, entropy, extras)
+
+    def _process(self, logits: mx.array, tokens: mx.array, rows: list[_Row]) -> mx.array:
+        if not any(r.processors for r in rows):
+            return logits
+        out = []
+        for i, row in enumerate(rows):
+            row_logits = logits[i : i + 1]
+            if row.processors:
+                history = row.history.update_and_fetch(tokens[i : i + 1])
+                for processor in row.processors:
+                    row_logits = processor(history, row_logits)
+            out.append(row_logits)
+        return out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
+
+    def _sample(self, logprobs: mx.array, rows: list[_Row]) -> mx.array:
+        if all(r.sampler is None for r in rows):
+            return greedy(logprobs)
+        if len(rows) == 1:
+            return self._sample_rows(logprobs, rows, [0])
+        # Rows with the same sampling settings are sampled together.
+        together: dict[Any, list[int]] = {}
+        for i, row in enumerate(rows):
+            key = "greedy" if row.sampler is None else row.plan.sampling_key() or ("own", i)
+            together.setdefault(key, []).append(i)
+        parts = [
+            (positions, self._sample_rows(logprobs[mx.array(positions)], rows, positions))
+            for positions in together.values()
+        ]
+        return _scatter([(p, s) for p, s in parts], len(rows))
+
+    def _sample_rows(self, logprobs: mx.array, rows: list[_Row], positions: list[int]) -> mx.array:
+        row = rows[positions[0]]
+        if row.sampler is None:
+            return greedy(logprobs)
+        if row.keyed is not None:
+            row.random_key, key = mx.random.split(row.random_key)
+            return row.keyed(logprobs, key)
+        return row.sampler(logprobs)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _read(self, out: _Step, rows: list[_Row]) -> list[TokenEvent]:
+        tokens, layers, entropies = out.tokens.tolist(), out.layers.tolist(), out.entropy.tolist()
+        extras: list[dict[str, int]] = [{} for _ in rows]
+        for positions, arrays in out.extras:
+            for name, values in arrays.items():
+                for position, value in zip(positions, values.tolist(), strict=True):
+                    extras[position][name] = value
+        peak = mx.get_peak_memory() / 1e9
+        now = time.perf_counter()
+        events = []
+        for i, row in enumerate(rows):
+            if row.done:  # cancelled while this step ran
+                continue
+            token = tokens[i]
+            row.count += 1
+            event = TokenEvent(
+                row=row.key,
+                token=token,
+                layer=layers[i],
+                entropy=entropies[i],
+                extras=extras[i],
+                logprobs=out.logprobs[i],
+                num_layers=self.num_layers,
+                prompt_tokens=len(row.prompt),
+                prompt_tps=row.prompt_tps,
+                generation_tokens=row.count,
+                generation_tps=row.count / max(now - row.tic, 1e-9),
+                peak_memory=peak,
+            )
+            if row.output is not None:
+                released = row.output.feed(token)
+                event.text, event.reasoning, event.part = released[:3]
+                event.finish_reason = released.finish
+                event.matched_stop = row.output.matched_stop
+            elif token in row.stop_tokens:
+                event.finish_reason = "stop"
+            elif row.count == row.max_tokens:
+                event.finish_reason = "length"
+            if row.plan.logprobs is not None:
+                event.logprob = float(out.logprobs[i, token].item())
+                event.top_logprobs = top_logprobs(out.logprobs[i], row.plan.logprobs)
+            row.done = event.finish_reason is not None
+            events.append(event)
+        return events
+
+
+def _in_row_order(
+    decided: list[tuple[list[int], Decision]], rows: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The groups' logits, layers and entropies, put back in the rows' order."""
+    if len(decided) == 1:
+        d = decided[0][1]
+        return d.logits, d.layers.astype(mx.int32), d.entropy.astype(mx.float32)
+    parts = [(p, d) for p, d in decided]
+    return (
+        _scatter([(p, d.logits) for p, d in parts], rows),
+        _scatter([(p, d.layers.astype(mx.int32)) for p, d in parts], rows),
+        _scatter([(p, d.entropy.astype(mx.float32)) for p, d in parts], rows),
+    )
+
+
+def _scatter(parts: list[tuple[list[int], mx.array]], rows: int) -> mx.array:
+    """Arrays computed for groups of row positions, as one array in the rows' order."""
+    order = [p for positions, _ in parts for p in positions]
+    stacked = mx.concatenate([a for _, a in parts], axis=0)
+    if order == list(range(rows)):
+        return stacked
+    inverse = [0] * rows
+    for i, p in enumerate(order):
+        inverse[p] = i
+    return stacked[mx.array(inverse)]
+
+
+def remove_taps(model: nn.Module) -> None:
+    """Give the model's decoder layers their own classes back.
+
+    Decoding installs taps on the decoder layers once and leaves them (outside a step they
+    only forward the call); after this the model is exactly as mlx-lm built it, and the next
+    decoding call taps it again.
+    """
+    install_taps(get_adapter(model, verify=False).layers).remove()
