@@ -15,7 +15,7 @@ Three kinds of check, from cheapest to most complete:
 Example:
     ```python
     import numpy as np
-    from layerdecode import get_strategy
+    from layerdecode.registry import get_strategy
     from layerdecode.testing import select_on
 
     logits = np.random.default_rng(0).normal(size=(6, 4, 50)).astype(np.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from layerdecode import GenerationOptions, batch_generate, generate, remove_taps, stream_generate
+from layerdecode import GenerationOptions, batch_generate, generate, stream_generate
+from layerdecode.engine import remove_taps
 from layerdecode.errors import ConfigError
 from layerdecode.taps import LayerTaps, is_tapped
 from layerdecode.testing import tiny_model, tiny_tokenizer

@@ -250,9 +250,9 @@ def test_generate_stdin_env_and_seed(tiny_model):
 
 
 def test_generate_ctrl_c_keeps_output(tiny_model, monkeypatch):
-    import layerdecode
+    from layerdecode import generation
 
-    real = layerdecode.stream_generate
+    real = generation.stream_generate
 
     def interrupted(*args, **kwargs):
         for i, response in enumerate(real(*args, **kwargs)):
@@ -260,7 +260,7 @@ def test_generate_ctrl_c_keeps_output(tiny_model, monkeypatch):
                 raise KeyboardInterrupt
             yield response
 
-    monkeypatch.setattr(layerdecode, "stream_generate", interrupted)
+    monkeypatch.setattr(generation, "stream_generate", interrupted)
     result = run("generate", "-m", tiny_model, "-p", "hello", "-n", "10")
     assert result.exit_code == 130
     assert result.stdout.strip()
@@ -643,7 +643,7 @@ def test_stop_ends_the_output_before_the_stop_text(tiny_model):
 
 
 def test_generation_flags_come_from_option_fields():
-    from layerdecode import option_fields
+    from layerdecode.options import option_fields
 
     fields = {field.flag: field for field in option_fields()}
     for command in ("generate", "compare", "inspect", "eval"):

@@ -27,7 +27,7 @@ def strategies_list(as_json: bool) -> None:
     A preset marked * has the name of its own strategy and stands for it: '-s dola' runs
     the preset 'dola', with its params and generation defaults.
     """
-    from layerdecode import describe_strategies
+    from layerdecode.config import describe_strategies
     from layerdecode.render import records_table
 
     rows = describe_strategies()
@@ -61,7 +61,7 @@ def strategies_show(name: str, as_json: bool) -> None:
     """
     from rich.text import Text
 
-    from layerdecode import describe_strategy
+    from layerdecode.config import describe_strategy
     from layerdecode.render import records_table
 
     data = describe_strategy(name)
@@ -103,7 +103,8 @@ def strategies_validate(files: tuple[str, ...]) -> None:
 
     Prints one line per file; exits with status 2 when any file is invalid.
     """
-    from layerdecode import ConfigError, read_preset
+    from layerdecode.config import read_preset
+    from layerdecode.errors import ConfigError
 
     bad = 0
     for path in files:

@@ -79,7 +79,7 @@ def read_prompts_file(path: str) -> list[str]:
 
 def load_model(name: str | None, dtype: str | None) -> tuple[Any, Any]:
     """(model, tokenizer) from the loader, with progress on stderr."""
-    from layerdecode import DEFAULT_MODEL, load
+    from layerdecode.loading import DEFAULT_MODEL, load
 
     console = stderr_console()
     if not console.is_terminal:  # plain lines, so a first-time download is still visible

@@ -103,8 +103,9 @@ def eval_command(**kwargs: Any) -> None:
     """
     import datetime
 
-    from layerdecode import DEFAULT_MODEL, plan_eval
     from layerdecode.distributed import init
+    from layerdecode.eval.runner import plan_eval
+    from layerdecode.loading import DEFAULT_MODEL
 
     if kwargs["resume"] and not kwargs["out"]:
         raise usage("--resume needs --out: the results file to continue.")
@@ -143,7 +144,7 @@ def _run(kwargs: dict[str, Any], plan: EvalPlan, out: str, group: ProcessGroup) 
         TimeRemainingColumn,
     )
 
-    from layerdecode import run_eval
+    from layerdecode.eval.runner import run_eval
     from layerdecode.plots import plot_summary
     from layerdecode.render import render_summary
 

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from layerdecode import DEFAULT_MODEL, option_fields
+from layerdecode.loading import DEFAULT_MODEL
+from layerdecode.options import option_fields
 
 from .console import usage
 
 if TYPE_CHECKING:
-    from layerdecode import GenerationOptions, ResolvedStrategy
-    from layerdecode.options import OptionField
+    from layerdecode.config import ResolvedStrategy
+    from layerdecode.options import GenerationOptions, OptionField
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -69,7 +70,7 @@ def _template_kwargs(ctx: click.Context, param: click.Parameter, value: str | No
         raise click.BadParameter(
             f"give a JSON object like '{{\"enable_thinking\": false}}', not {value!r}."
         )
-    from layerdecode import ConfigError
+    from layerdecode.errors import ConfigError
     from layerdecode.prompts import check_template_kwargs
 
     try:
@@ -214,7 +215,7 @@ def generation_options(max_tokens: int | None) -> Decorator:
 
 def chosen_options(values: dict[str, Any]) -> GenerationOptions:
     """The generation options a command was given (unset flags stay unset)."""
-    from layerdecode import GenerationOptions
+    from layerdecode.options import GenerationOptions
 
     chosen = {}
     for field in option_fields():
@@ -253,7 +254,7 @@ def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
 
 def resolve(strategy: str, params: tuple[str, ...]) -> ResolvedStrategy:
     """The validated strategy (raises ConfigError for unknown names and bad params)."""
-    from layerdecode import resolve_strategy
+    from layerdecode.config import resolve_strategy
 
     return resolve_strategy(strategy, parse_params(params))
 

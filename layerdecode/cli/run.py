@@ -37,8 +37,10 @@ from .options import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from layerdecode import GenerationOptions, GenerationResult, ResolvedStrategy
+    from layerdecode.config import ResolvedStrategy
     from layerdecode.distributed import ProcessGroup
+    from layerdecode.generation import GenerationResult
+    from layerdecode.options import GenerationOptions
 
 
 @click.command(
@@ -69,8 +71,8 @@ def generate_command(**kwargs: Any) -> None:
     Layers are 0-based (final = number of layers - 1). Generation options left unset take
     the preset's defaults.
     """
-    from layerdecode import DEFAULT_MODEL
     from layerdecode.distributed import init
+    from layerdecode.loading import DEFAULT_MODEL
 
     check_system(kwargs["system"], kwargs["raw"], kwargs["chat_template_kwargs"])
     resolved = resolve(kwargs["strategy"], kwargs["params"])
@@ -96,7 +98,7 @@ def generate_command(**kwargs: Any) -> None:
 
 def prompt_of(tokenizer: Any, text: str, kwargs: dict[str, Any]) -> list[int]:
     """The prompt ids of ``text`` under the command's --system, --raw and template options."""
-    from layerdecode import build_prompt
+    from layerdecode.prompts import build_prompt
 
     return build_prompt(
         tokenizer,
@@ -111,7 +113,7 @@ def load_for(kwargs: dict[str, Any], group: ProcessGroup) -> tuple[Any, Any]:
     """The model of ``--model``/``--dtype``: this rank's slice under a tensor group."""
     if not group.tensor:
         return load_model(kwargs["model"], kwargs["dtype"])
-    from layerdecode import load
+    from layerdecode.loading import load
 
     return load(kwargs["model"], dtype=kwargs["dtype"], group=group)
 
@@ -131,7 +133,7 @@ def run_generate(
     """Stream one generation to stdout; Ctrl-C keeps what was generated and exits 130.
 
     ``on_token`` is called after every token (the distributed watchdog's heartbeat)."""
-    from layerdecode import ResultCollector, stream_generate
+    from layerdecode.generation import ResultCollector, stream_generate
     from layerdecode.render import part_legends, streamed_text, summary_line
 
     out = stdout_console(soft_wrap=True)
@@ -208,7 +210,8 @@ def compare_command(**kwargs: Any) -> None:
     """
     from rich.progress import Progress
 
-    from layerdecode import batch_generate, resolve_strategy
+    from layerdecode.batch import batch_generate
+    from layerdecode.config import resolve_strategy
     from layerdecode.distributed import init
 
     check_system(kwargs["system"], kwargs["raw"], kwargs["chat_template_kwargs"])
@@ -341,13 +344,10 @@ def inspect_command(**kwargs: Any) -> None:
     """
     from rich.text import Text
 
-    from layerdecode import (
-        DEFAULT_MODEL,
-        generate,
-        inspect_generation,
-        parse_layer_spec,
-    )
     from layerdecode.distributed import refuse_launched
+    from layerdecode.generation import generate
+    from layerdecode.lens import inspect_generation, parse_layer_spec
+    from layerdecode.loading import DEFAULT_MODEL
     from layerdecode.plots import lens_html, plot_lens
     from layerdecode.render import lens_grid, lens_table
 

@@ -96,7 +96,7 @@ def serve_command(**kwargs: Any) -> None:
             f"The server needs the 'serve' extra ({e.name} is missing): "
             "pip install 'layerdecode[serve]'."
         ) from None
-    from layerdecode import DEFAULT_MODEL
+    from layerdecode.loading import DEFAULT_MODEL
     from layerdecode.serve.schemas import ApiError, resolve_request_strategy
 
     try:  # a bad default fails now, not at the first request

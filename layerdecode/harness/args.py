@@ -85,7 +85,7 @@ def parse_model_args(values: Mapping[str, Any]) -> HarnessArgs:
 
 
 def _strategy_params(strategy: str) -> list[str]:
-    from layerdecode import describe_strategy
+    from layerdecode.config import describe_strategy
 
     return [row["name"] for row in describe_strategy(strategy)["params"]]
 

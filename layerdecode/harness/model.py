@@ -57,7 +57,8 @@ class LayerdecodeLM(LM):
 
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        from layerdecode import load, resolve_strategy
+        from layerdecode.config import resolve_strategy
+        from layerdecode.loading import load
 
         self.args: HarnessArgs = parse_model_args(model_args)
         self.group = join()
@@ -277,7 +278,7 @@ class LayerdecodeLM(LM):
         return texts
 
     def _options(self, gen_kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
-        from layerdecode import GenerationOptions
+        from layerdecode.options import GenerationOptions
 
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else [s for s in until if s]

@@ -21,7 +21,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import ConfigError, build_prompt, list_strategies
+from layerdecode.errors import ConfigError
+from layerdecode.prompts import build_prompt
+from layerdecode.registry import list_strategies
+
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..engine import TokenEvent
 from .schemas import (

@@ -12,7 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import ConfigError, GenerationOptions, list_strategies, resolve_strategy
+from layerdecode.config import resolve_strategy
+from layerdecode.errors import ConfigError
+from layerdecode.options import GenerationOptions
+from layerdecode.registry import list_strategies
+
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..errors import did_you_mean
 from ..prompts import check_template_kwargs
