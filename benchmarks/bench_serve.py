@@ -40,8 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(cmd: list[str], port: int, root: str | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if root is not None:  # that checkout's layerdecode first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -63,20 +68,32 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def measure(port: int, model: str, clients: int, tokens: int, extra: dict) -> float:
+def measure(
+    port: int,
+    model: str,
+    clients: int,
+    tokens: int,
+    extra: dict | list[dict],
+    temps: list[float] = (0.0,),
+) -> float:
+    """Aggregate tokens/s of ``clients`` streams; client i sends ``extra[i % len(extra)]``
+    and ``temps[i % len(temps)]``."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
+    extras = extra if isinstance(extra, list) else [extra]
 
     def one(i: int) -> int:
+        temp = temps[i % len(temps)]
+        body = dict(extras[i % len(extras)])
         stream = client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             max_tokens=tokens,
-            temperature=0.0,
+            temperature=temp,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body=extra,
+            extra_body=body,
         )
         count = chunks = 0
         for chunk in stream:
@@ -99,6 +116,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--strategies", default="final,confident")
     parser.add_argument("--no-mlx", action="store_true", help="skip mlx_lm.server")
+    parser.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="STRATEGIES[@TEMPS]",
+        help="also time rows that mix strategies (cycled over the clients) and temperatures, "
+        "e.g. final,confident,dola,sled or final@0,0.7 (repeatable)",
+    )
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        help="also time the layerdecode server of another checkout (e.g. a git worktree of an "
+        "older commit), with this environment's packages (repeatable)",
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     strategies = args.strategies.split(",")
@@ -112,18 +144,30 @@ def main() -> None:
         mlx_model = str(folders[0].parent)
 
     rows: dict[str, dict[int, float]] = {}
-    port = free_port()
-    cmd = [sys.executable, "-m", "layerdecode.cli", "serve", "--model", args.model]
-    proc = start([*cmd, "--port", str(port), "--max-batch", str(max(clients))], port)
-    try:
-        for strategy in strategies:
-            measure(port, args.model, 2, 8, {"strategy": strategy})  # warm-up
-            rows[f"layerdecode {strategy}"] = {
-                n: measure(port, args.model, n, args.tokens, {"strategy": strategy})
-                for n in clients
-            }
-    finally:
-        stop(proc)
+    mixes = []
+    for spec in args.mix:
+        names, _, temps = spec.partition("@")
+        extra = [{"strategy": name} for name in names.split(",")]
+        mixes.append((spec, extra, [float(t) for t in temps.split(",")] if temps else [0.0]))
+    for root in [None, *args.root]:
+        label = "layerdecode" if root is None else f"layerdecode ({root})"
+        port = free_port()
+        cmd = [sys.executable, "-m", "layerdecode.cli", "serve", "--model", args.model]
+        cmd += ["--port", str(port), "--max-batch", str(max(clients))]
+        proc = start(cmd, port, root)
+        try:
+            for strategy in strategies:
+                measure(port, args.model, 2, 8, {"strategy": strategy})  # warm-up
+                rows[f"{label} {strategy}"] = {
+                    n: measure(port, args.model, n, args.tokens, {"strategy": strategy})
+                    for n in clients
+                }
+            for spec, extra, temps in mixes:
+                rows[f"{label} {spec}"] = {
+                    n: measure(port, args.model, n, args.tokens, extra, temps) for n in clients
+                }
+        finally:
+            stop(proc)
     if not args.no_mlx:
         port = free_port()
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", mlx_model]
@@ -138,10 +182,15 @@ def main() -> None:
             stop(proc)
 
     print(f"model {args.model}, {args.tokens} tokens per request, {os.cpu_count()} CPUs")
-    print(f"{'server':<24}" + "".join(f"{f'{n} clients':>12}" for n in clients) + f"{'8 vs 1':>9}")
+    width = max(24, *(len(name) + 2 for name in rows))
+    print(
+        f"{'server':<{width}}"
+        + "".join(f"{f'{n} clients':>12}" for n in clients)
+        + f"{'8 vs 1':>9}"
+    )
     for name, speeds in rows.items():
         scale = f"{speeds[8] / speeds[1]:.2f}x" if 8 in speeds and 1 in speeds else ""
-        print(f"{name:<24}" + "".join(f"{speeds[n]:>12.1f}" for n in clients) + f"{scale:>9}")
+        print(f"{name:<{width}}" + "".join(f"{speeds[n]:>12.1f}" for n in clients) + f"{scale:>9}")
     if "mlx_lm.server" in rows and "layerdecode final" in rows:
         mlx, final = rows["mlx_lm.server"], rows["layerdecode final"]
         ratios = "  ".join(f"{n}: {final[n] / mlx[n]:.2f}x" for n in clients)

@@ -26,6 +26,12 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"tests/conftest.py: {blas_status()}")
 
 
+def pytest_itemcollected(item):
+    """Tests that compare processes or load a real model are ``slow`` too."""
+    if item.get_closest_marker("cross_process") or item.get_closest_marker("real_model"):
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Tests that compare this process with others (marked ``cross_process``) run after the

@@ -15,7 +15,11 @@ import pytest
 
 from layerdecode import blas
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+# slow: every test starts a Python process
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only"),
+]
 
 FOUND = blas.find_blas()
 needs_blas = pytest.mark.skipif(FOUND is None, reason="no optimised BLAS installed here")

@@ -150,6 +150,7 @@ def test_version():
     assert "layerdecode" in result.output and "0." in result.output
 
 
+@pytest.mark.slow  # another process
 def test_help_is_instant():
     code = (
         "import sys; from layerdecode.cli import cli; "
@@ -662,6 +663,7 @@ def test_strategies_list_says_which_presets_shadow_their_strategy():
     assert "-s dola" in text and "mean the preset" in text
 
 
+@pytest.mark.slow  # another process
 def test_help_imports_no_mlx():
     code = (
         "import sys; from layerdecode.cli import cli\n"
@@ -682,8 +684,8 @@ def test_cli_modules_use_only_the_public_api():
     import layerdecode.cli
 
     forbidden_modules = ("mlx", "mlx_lm", "pydantic", "pydantic_core")
-    forbidden_modules += tuple(f"layerdecode.{m}" for m in ("adapters", "taps", "decode", "view"))
-    forbidden_names = {"mx", "get_adapter", "model_fields", "_as_dict", "Decoder", "logit_lens"}
+    forbidden_modules += tuple(f"layerdecode.{m}" for m in ("adapters", "taps", "engine", "view"))
+    forbidden_names = {"mx", "get_adapter", "model_fields", "_as_dict", "Engine", "logit_lens"}
     folder = Path(layerdecode.cli.__file__).parent
     sources = sorted(folder.glob("*.py"))
     assert {p.stem for p in sources} >= {"__init__", "options", "run", "evaluate", "catalog"}
@@ -706,6 +708,7 @@ def test_cli_modules_use_only_the_public_api():
             assert not forbidden_names.intersection(names), (path.name, names)
 
 
+@pytest.mark.slow  # another process
 def test_a_reader_that_stops_early_gets_no_error(tmp_path):
     # `layerdecode strategies list | grep -q x`: the reader is gone before the table is written.
     import os

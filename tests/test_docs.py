@@ -101,6 +101,7 @@ def test_unmirrored_python_blocks_run(page, monkeypatch):
         exec(code, namespace)
 
 
+@pytest.mark.slow  # another process
 def test_documented_generate_is_the_function_even_after_its_module_is_imported():
     # The pages call layerdecode.generate(...); importing the submodules (as layerdecode.cli
     # and layerdecode.batch do) must not replace the function with a module of that name. A

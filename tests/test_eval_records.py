@@ -190,6 +190,7 @@ with ResultsStore.open({out!r}, make_config(), resume=True) as store:
 """
 
 
+@pytest.mark.slow  # another process
 def test_sigkill_mid_run_then_recover_and_resume(tmp_path):
     out = tmp_path / "results.jsonl"
     n, size = 30, 50_000

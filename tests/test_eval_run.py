@@ -16,6 +16,9 @@ from layerdecode.eval.records import read_results
 
 from .test_cli import build_tiny_model
 
+# slow: a real model and killed processes
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k_train_500.jsonl"
 SVAMP = DATA / "svamp.jsonl"

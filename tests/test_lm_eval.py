@@ -16,6 +16,9 @@ from click.testing import CliRunner  # noqa: E402
 
 from layerdecode.errors import ConfigError  # noqa: E402
 
+# slow: lm-evaluation-harness runs, mlx_lm.evaluate and a real model
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "tests" / "data" / "lm_eval"
 

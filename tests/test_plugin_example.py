@@ -56,7 +56,8 @@ def plugin_module():
     return module
 
 
-pytestmark = pytest.mark.usefixtures("fresh_registry")
+# slow: installed packages run in other processes
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_registry")]
 
 
 @pytest.fixture

@@ -369,6 +369,7 @@ def test_eval_extracts_the_answer_from_the_answer_text(monkeypatch, tmp_path):
 # -- the server ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a server process
 def test_server_answers_with_reasoning_apart(think_dir, think):
     from .test_serve import Server
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# slow: servers in other processes
+pytestmark = pytest.mark.slow
+
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (dev extra)")
 pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra")
 

@@ -9,6 +9,9 @@ import pytest
 
 from .test_serve import Server
 
+# slow: a server and a browser
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra")
 playwright = pytest.importorskip(
     "playwright.sync_api", reason="the page test needs Playwright (pip install playwright)"
