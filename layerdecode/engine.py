@@ -30,7 +30,8 @@ from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 
 from .adapters import get_adapter
 from .errors import ConfigError
-from .events import LogitsProcessor, Plan, Sampler, TokenEvent, greedy, log_softmax, top_logprobs
+from .events import LogitsProcessor, Plan, Sampler, TokenEvent, greedy, top_logprobs
+from .fastmath import log_softmax
 from .strategy import Decision, ModelFacts, Strategy, model_facts
 from .taps import Capture, install_taps
 from .text import OutputStream
@@ -492,6 +493,11 @@ class Engine:
             if row.plan.logprobs is not None:
                 event.logprob = float(out.logprobs[i, token].item())
                 event.top_logprobs = top_logprobs(out.logprobs[i], row.plan.logprobs)
+            event.in_output = not (
+                event.finish_reason == "stop"
+                and token in row.stop_tokens
+                and event.matched_stop is None
+            )
             row.done = event.finish_reason is not None
             events.append(event)
         return events

@@ -26,11 +26,6 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def log_softmax(logits: mx.array) -> mx.array:
-    """Log-probabilities over the last axis."""
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
 @dataclass(frozen=True)
 class Plan:
     """How one row decodes.
@@ -92,6 +87,8 @@ class TokenEvent:
         logprob: the token's log-probability, when the plan asked for ``logprobs``.
         top_logprobs: the plan's ``logprobs`` most likely ``(token, logprob)``, most likely
             first.
+        in_output: ``False`` for the end-of-sequence (or stop) token that ended the row: it
+            is not part of the output, its text or its token counts.
     """
 
     row: Hashable
@@ -113,6 +110,7 @@ class TokenEvent:
     peak_memory: float = 0.0
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    in_output: bool = True
 
 
 def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:

@@ -6,6 +6,8 @@ Linux wheel) and approximate (relative error ~4e-6). On the CPU layerdecode eval
 instead with the classic range reduction ``x = n ln 2 + r`` and a degree-6 polynomial for
 ``exp(r)`` (the Cephes ``expf`` coefficients; relative error below 1e-7), fused by
 ``mx.compile``. Other devices use ``mx.exp``.
+
+:func:`log_softmax` is the one log-softmax of decoding (mlx-lm's ``generate_step`` form).
 """
 
 from __future__ import annotations
@@ -67,3 +69,8 @@ def softmax_and_log(x: mx.array) -> tuple[mx.array, mx.array]:
     weights = exp_shifted(shifted)
     total = mx.sum(weights, axis=-1, keepdims=True)
     return weights / total, shifted - mx.log(total)
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis, ``x - logsumexp(x)``, as mlx-lm decodes them."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .config import ResolvedStrategy, resolve_strategy
 from .engine import Engine, LogitsProcessor, Plan, Sampler, TokenEvent
 from .errors import ConfigError
+from .eval.records import layer_stats
 from .options import GenerationOptions
 from .prompts import encode_prompt
 from .reasoning import REASONING, layers_by_part
@@ -228,18 +229,12 @@ class GenerationResult:
     @property
     def non_final_share(self) -> float:
         """Share of tokens decoded from a layer below the final one."""
-        final = self.num_layers - 1
-        return (
-            sum(layer != final for layer in self.layers) / len(self.layers) if self.layers else 0.0
-        )
+        return layer_stats(self.layers, self.num_layers - 1)[0] or 0.0
 
     @property
     def mean_depth(self) -> float:
         """Mean number of layers below the final one that tokens were decoded from."""
-        final = self.num_layers - 1
-        return (
-            sum(final - layer for layer in self.layers) / len(self.layers) if self.layers else 0.0
-        )
+        return layer_stats(self.layers, self.num_layers - 1)[1] or 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -289,7 +284,7 @@ class ResultCollector:
         self.last = response
         self.pieces.append(response.text)
         self.reasoning.append(response.reasoning)
-        if response.finish_reason == "stop" and response.matched_stop is None:
+        if not response.in_output:
             return  # the end-of-sequence token is not part of the output
         self.parts.append(response.part)
         self.tokens.append(response.token)

@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 
 from .adapters import Adapter
-from .fastmath import exp_shifted
+from .fastmath import exp_shifted, log_softmax
 from .taps import Capture
 
 EMBEDDINGS = -1
@@ -137,8 +137,7 @@ class LayerView:
 
     def logprobs(self, layer: int, *, norm: bool = True) -> mx.array:
         """Log-probabilities ``(batch, vocab)`` of one exit, in float32."""
-        logits = self.logits(layer, norm=norm).astype(mx.float32)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return log_softmax(self.logits(layer, norm=norm).astype(mx.float32))
 
     def entropy(self, layer: int, *, norm: bool = True) -> mx.array:
         """Entropy ``(batch,)`` in nats of one exit's distribution."""

@@ -311,14 +311,13 @@ class LayerdecodeLM(LM):
         plan = Plan(self.resolved, options)
         for i, prompt in enumerate(prompts):
             engine.add(prompt, plan, key=i)
-        tokens: list[list[int]] = [[] for _ in prompts]
+        tokens: list[list[int | None]] = [[] for _ in prompts]
         for events in engine.run():
             for event in events:
-                tokens[event.row].append(event.token)
-        eos = set(self.tokenizer.eos_token_ids)
+                tokens[event.row].append(event.token if event.in_output else None)
         out = []
         for prompt, row_tokens in zip(prompts, tokens, strict=True):
-            kept = [t for t in row_tokens if t not in eos]
+            kept = [t for t in row_tokens if t is not None]
             text = _cut_at_first(self.tokenizer.decode(kept), until)
             answer, _ = split_reasoning(self.tokenizer, text, prompt)
             out.append((answer, len(row_tokens)))

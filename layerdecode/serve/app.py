@@ -27,6 +27,7 @@ from layerdecode.registry import list_strategies
 
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..engine import TokenEvent
+from ..eval.records import layer_stats
 from .schemas import (
     ApiError,
     ChatRequest,
@@ -229,14 +230,13 @@ class Answer:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job.id}"
         self.created = _now()
         self.tokenizer = handlers.worker.models[job.model][1]
-        self.eos = set(self.tokenizer.eos_token_ids)
         self.count = 0
         self.layers: list[int] = []
         self.num_layers = 0
 
     def kept(self, events: list[TokenEvent]) -> list[TokenEvent]:
         """The events of output tokens (an end-of-sequence token is not output)."""
-        return [e for e in events if not (e.finish_reason == "stop" and e.token in self.eos)]
+        return [e for e in events if e.in_output]
 
     def extension(
         self, events: list[TokenEvent], *, summary: bool, pieces: bool = False
@@ -252,10 +252,7 @@ class Answer:
             out["num_layers"] = events[-1].num_layers
         if summary:
             resolved = self.job.resolved
-            final = self.num_layers - 1
-            share = (
-                sum(la != final for la in self.layers) / len(self.layers) if self.layers else 0.0
-            )
+            share = layer_stats(self.layers, self.num_layers - 1)[0] or 0.0
             out = {
                 "strategy": resolved.label,
                 "params": resolved.strategy.resolved_params(),

@@ -17,7 +17,7 @@ from typing import Literal
 import mlx.core as mx
 from pydantic import Field
 
-from ..fastmath import softmax_and_log
+from ..fastmath import log_softmax, softmax_and_log
 from ..strategy import Decision, ModelFacts
 from ..view import LayerView
 from .premature import PrematureLayersStrategy, PrematureParams, checked_hf_layers
@@ -63,11 +63,6 @@ def candidate_layers(spec, num_layers: int, tied_embeddings: bool) -> list[int]:
     return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
 
 
-def _log_softmax(x: mx.array) -> mx.array:
-    x = x.astype(mx.float32)
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
-
-
 class DoLaStrategy(PrematureLayersStrategy):
     name = "dola"
     description = "DoLa: contrast the final layer with the most divergent earlier layer (HF)."
@@ -82,7 +77,7 @@ class DoLaStrategy(PrematureLayersStrategy):
         final_p, final_lp = softmax_and_log(view.logits(final))
         if len(self.premature) == 1:
             chosen = mx.zeros((view.batch_size,), dtype=mx.int32)
-            base_lp = _log_softmax(view.logits(self.premature[0], norm=norm))
+            base_lp = log_softmax(view.logits(self.premature[0], norm=norm).astype(mx.float32))
         else:
             premature_p, premature_lp = softmax_and_log(
                 view.stack_logits(self.premature, norm=norm)
