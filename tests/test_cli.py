@@ -535,25 +535,22 @@ def test_real_model_generate():
     assert data["num_layers"] == 30 and set(data["layers"]) == {29}
 
 
+def made_result(tokens: list[int], layers: list[int], **fields):
+    """A GenerationResult of a 4-layer model written by hand (``fields`` override)."""
+    from layerdecode.generation import GenerationResult
+
+    values = dict(text="", prompt_tokens=[1], entropies=[0.0] * len(tokens), num_layers=4)
+    values |= dict(strategy={"name": "final", "params": {}}, finish_reason="length")
+    values |= dict(prompt_tps=1.0, generation_tps=1.0, peak_memory_gb=0.0)
+    return GenerationResult(**{**values, "tokens": tokens, "layers": layers, **fields})
+
+
 def test_tables_show_text_literally():
     from rich.console import Console
 
-    from layerdecode.generation import GenerationResult
     from layerdecode.render import compare_table
 
-    result = GenerationResult(
-        text="[bold]x[/bold] [1, 2]",
-        prompt_tokens=[1],
-        tokens=[7, 8],
-        layers=[3, 2],
-        entropies=[0.1, 0.2],
-        num_layers=4,
-        strategy={"name": "final", "params": {}},
-        finish_reason="length",
-        prompt_tps=1.0,
-        generation_tps=2.0,
-        peak_memory_gb=0.0,
-    )
+    result = made_result([7, 8], [3, 2], text="[bold]x[/bold] [1, 2]", entropies=[0.1, 0.2])
     console = Console(width=120, record=True)
     console.print(compare_table("p", ["a", "b"], [result, result]))
     text = console.export_text()

@@ -238,19 +238,21 @@ def run_rank0(hostfile: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def start_ranks(tmp_path: Path, args: list[str], **env: str) -> list[subprocess.Popen]:
-    """The two ranks of a ring job started by hand, as mlx.launch would (MLX_RANK, hostfile)."""
+def start_ranks(tmp_path: Path, command: list[str], **env: str) -> list[subprocess.Popen]:
+    """The two ranks of a ring job started by hand, as mlx.launch would (MLX_RANK, hostfile),
+    each in a process group of its own."""
     hostfile, _ = ring_hostfile(tmp_path)
     base = {**os.environ, "MLX_HOSTFILE": str(hostfile), **env}
     return [
         subprocess.Popen(
-            layerdecode_cli(*args),
+            command,
             cwd=ROOT,
             env={**base, "MLX_RANK": str(rank)},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         for rank in (0, 1)
     ]
@@ -266,7 +268,7 @@ def test_a_dead_or_stuck_rank_ends_the_job(fault, tiny_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["eval", "-m", str(tiny_dir), "-t", "gsm8k", "-d", str(ARITHMETIC), "-s", "final"]
     args += ["--max-tokens", "48", "--batch-size", "1", "-o", str(out)]
-    ranks = start_ranks(tmp_path, args, LAYERDECODE_DISTRIBUTED_TIMEOUT="4")
+    ranks = start_ranks(tmp_path, layerdecode_cli(*args), LAYERDECODE_DISTRIBUTED_TIMEOUT="4")
     try:
         wait_for_records(out, 2, ranks)
         ranks[1].send_signal(signal.SIGKILL if fault == "dies" else signal.SIGSTOP)

@@ -119,14 +119,7 @@ def test_empty_prompt_is_refused():
     [("temp", -0.5), ("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0.0)],
 )
 def test_bad_generation_options(option, value):
-    kwargs = dict(
-        temp=None,
-        top_p=None,
-        min_p=None,
-        top_k=None,
-        repetition_penalty=None,
-        repetition_context_size=None,
-    )
-    kwargs[option] = value
+    unset = ("temp", "top_p", "min_p", "top_k", "repetition_penalty", "repetition_context_size")
+    kwargs = {**dict.fromkeys(unset), option: value}
     with pytest.raises(ConfigError, match=f"Invalid generation option {option}="):
         GenerationOptions.build(**kwargs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +24,7 @@ from .test_distributed import (  # noqa: E402
     error_lines,
     finish,
     launch,
-    ring_hostfile,
+    start_ranks,
 )
 
 TASKS = ROOT / "tests" / "data" / "lm_eval"
@@ -120,25 +119,16 @@ def test_two_ranks_write_the_files_of_one_process(tiny_model_dir, tmp_path, monk
 
 @needs_launch
 def test_a_dead_rank_ends_the_job_with_one_line(tiny_model_dir, tmp_path):
-    hostfile, _ = ring_hostfile(tmp_path)
     args = ["lm-eval", "--model_args", f"model={tiny_model_dir},{MODEL_ARGS}"]
     args += ["--tasks", "layerdecode_gsm_local", "--include_path", str(TASKS), "--limit", "4"]
     args += ["--output_path", str(tmp_path / "out")]
-    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "LM_EVAL_DIE_ON_RANK": "1"}
-    env["LAYERDECODE_DISTRIBUTED_TIMEOUT"] = "30"  # a bound, should the backend not notice
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), "cli", *args],
-            cwd=ROOT,
-            env={**env, "MLX_RANK": str(rank)},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        for rank in (0, 1)
-    ]
+    # LAYERDECODE_DISTRIBUTED_TIMEOUT: a bound, should the backend not notice.
+    ranks = start_ranks(
+        tmp_path,
+        [sys.executable, str(SCRIPT), "cli", *args],
+        LM_EVAL_DIE_ON_RANK="1",
+        LAYERDECODE_DISTRIBUTED_TIMEOUT="30",
+    )
     try:
         _, stderr = ranks[0].communicate(timeout=120)
     finally:

@@ -335,24 +335,18 @@ def test_eval_extracts_the_answer_from_the_answer_text(monkeypatch, tmp_path):
     import layerdecode.batch
     from layerdecode.eval.records import read_results
     from layerdecode.eval.runner import plan_eval, run_eval
-    from layerdecode.generation import GenerationResult
 
+    from .test_cli import made_result
     from .test_eval_run import ARITHMETIC
 
     def fake(model, tokenizer, prompts, *, on_result, **kwargs):
         for index, prompt in enumerate(prompts):
-            result = GenerationResult(
+            result = made_result(
+                [5, 6, 7],
+                [3, 3, 3],
                 text="no idea",
                 prompt_tokens=list(prompt),
-                tokens=[5, 6, 7],
-                layers=[3, 3, 3],
-                entropies=[0.0] * 3,
-                num_layers=4,
-                strategy={"name": "final", "params": {}},
                 finish_reason="stop",
-                prompt_tps=1.0,
-                generation_tps=1.0,
-                peak_memory_gb=0.0,
                 reasoning="The answer is 24.",
                 parts=["reasoning", "reasoning", "answer"],
             )
