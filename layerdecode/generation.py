@@ -22,7 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .config import ResolvedStrategy, resolve_strategy
 from .engine import Engine, LogitsProcessor, Plan, Sampler, TokenEvent
 from .errors import ConfigError
-from .eval.records import layer_stats
+from .layerstats import layer_stats
 from .options import GenerationOptions
 from .prompts import encode_prompt
 from .reasoning import REASONING, layers_by_part

@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from layerdecode.errors import ConfigError
 
+from ..layerstats import layer_stats
+
 __all__ = [
     "FORMAT",
     "StrategySpec",
@@ -89,15 +91,6 @@ class RunConfig(BaseModel):
     @property
     def strategy_names(self) -> list[str]:
         return [s.name for s in self.strategies]
-
-
-def layer_stats(layers: list[int], final_layer: int) -> tuple[float | None, float | None]:
-    """(share of tokens from a layer below ``final_layer``, mean ``final_layer - layer``);
-    (None, None) for no tokens."""
-    if not layers:
-        return None, None
-    below = [final_layer - layer for layer in layers]
-    return sum(d > 0 for d in below) / len(below), sum(below) / len(below)
 
 
 class EvalRecord(BaseModel):

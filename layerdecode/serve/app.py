@@ -27,7 +27,7 @@ from layerdecode.registry import list_strategies
 
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..engine import TokenEvent
-from ..eval.records import layer_stats
+from ..layerstats import layer_stats
 from .schemas import (
     ApiError,
     ChatRequest,
