@@ -96,3 +96,26 @@ def test_an_unmarked_block_and_span_are_found():
     assert unmarked(marked) == []
     said = "After the first release, `pip install layerdecode`\nwill do.\n"
     assert unmarked(said) == []
+
+
+def _pip_steps(commands: list[str]) -> list[str]:
+    """The pip invocations of a command sequence, spelled alike (``python -m pip`` is
+    ``pip``; ``-q`` and the ``docs`` extra left out)."""
+    steps = []
+    for command in commands:
+        command = command.strip().replace("python -m pip", "pip").replace(" -q", "")
+        if command.startswith("pip "):
+            steps.append(command.replace(",docs", ""))
+    return steps
+
+
+def test_the_readme_test_command_installs_as_ci_does():
+    # CI runs the README's tests after its own install lines: the two must not drift apart
+    # (a step CI has and the README lacks, such as upgrading pip, hides a failing command).
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Run the tests") :]
+    command = FENCE.search(section)["body"].strip()
+    assert command.endswith("python -m pytest -q")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert _pip_steps(command.split("&&")) == _pip_steps(ci)
+    assert "python -m pytest -q" in ci
