@@ -249,6 +249,10 @@ class Engine:
         key = plan.strategy_key()
         group = self.groups.get(key)
         if group is None:
+            # Groups no row uses any more are dropped first: a server that sees many
+            # strategies keeps only those of its live rows.
+            live = {id(r.group) for r in [*self.rows, *self.waiting] if not r.done}
+            self.groups = {k: g for k, g in self.groups.items() if id(g) in live}
             group = self.groups[key] = _Group(plan.strategy.strategy, self.facts)
         return group
 

@@ -129,3 +129,14 @@ def test_logprobs_are_those_of_the_decoded_distribution():
         values = [v for _, v in e.top_logprobs]
         assert ids[0] == e.token and values == sorted(values, reverse=True)
         assert e.logprob == pytest.approx(values[0]) and e.logprob <= 0
+
+
+def test_strategies_no_row_uses_are_let_go():
+    model, tokenizer = tiny_model("llama"), TokenizerWrapper(tiny_tokenizer())
+    engine = Engine(model, tokenizer)
+    engine.add([5, 6], plan("confident", {"window": 4}, 2), key="a")
+    engine.add([7, 8], plan("dola", {"layers": "high"}, 2), key="b")
+    list(engine.run())
+    engine.add([5, 6], plan("final", {}, 2), key="c")
+    assert [g.strategy.name for g in engine.groups.values()] == ["final"]
+    assert [e.row for events in engine.run() for e in events] == ["c", "c"]

@@ -113,11 +113,21 @@ class Worker:
                 admitted = []
                 while self.waiting and len(self.running) + len(admitted) < self.max_batch:
                     admitted.append(self.waiting.popleft())
-            for job in admitted:
-                self._admit(job)
-            self._drop_cancelled()
-            for name in list(self.engines):
-                self._step(name)
+            try:
+                for job in admitted:
+                    self._admit(job)
+                self._drop_cancelled()
+                for name in list(self.engines):
+                    self._step(name)
+            except Exception as e:  # noqa: BLE001 - a bug here must not stop the thread
+                log.exception("the generation loop failed")
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in self.running.values():
+            job.send(ApiError(500, f"Generation failed: {error}", kind="server_error"))
+        self.running.clear()
+        self.engines.clear()
 
     def _engine(self, name: str) -> Engine:
         engine = self.engines.get(name)
