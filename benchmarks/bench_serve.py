@@ -5,7 +5,9 @@
 Starts each server in turn on a free 127.0.0.1 port with the same model, then, for each
 number of concurrent clients, has that many ``openai`` clients stream chat completions of
 the same prompts at once (greedy, ``max_tokens`` each). Aggregate tokens/s is all completion
-tokens over the wall time from the first request to the last token. layerdecode runs
+tokens over the wall time from the first request to the last token. On Linux both servers
+multiply with the same BLAS: layerdecode loads the system's by itself, and mlx_lm.server gets
+the same library through ``LD_PRELOAD``; the script prints which. layerdecode runs
 ``final`` and ``confident`` (chosen per request); mlx-lm serves the same weights from the
 mlx-lm folder the model was converted to.
 """
@@ -40,8 +42,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, root: str | None = None) -> subprocess.Popen:
+def same_blas_env() -> tuple[dict[str, str], str]:
+    """An environment in which a plain MLX process multiplies with the BLAS layerdecode loads
+    here (mlx_lm.server does not import layerdecode, so it is preloaded), and a line saying
+    which library that is."""
+    import layerdecode  # noqa: F401  (loads the system BLAS, as the layerdecode server does)
+    from layerdecode.blas import blas_status, loaded_blas
+
     env = dict(os.environ)
+    path = loaded_blas()
+    if path is not None and "blas" not in env.get("LD_PRELOAD", "").lower():
+        env["LD_PRELOAD"] = os.pathsep.join(filter(None, [path, env.get("LD_PRELOAD")]))
+    return env, blas_status()
+
+
+def start(
+    cmd: list[str], port: int, root: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    env = dict(env or os.environ)
     if root is not None:  # that checkout's layerdecode first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
@@ -170,9 +188,12 @@ def main() -> None:
             stop(proc)
     if not args.no_mlx:
         port = free_port()
+        blas_env, blas = same_blas_env()
+        preload = blas_env.get("LD_PRELOAD", "none")
+        print(f"layerdecode serve: {blas}\nmlx_lm.server: LD_PRELOAD={preload}", flush=True)
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", mlx_model]
         cmd += ["--port", str(port), "--log-level", "WARNING"]
-        proc = start(cmd, port)
+        proc = start(cmd, port, env=blas_env)
         try:
             measure(port, mlx_model, 2, 8, {})
             rows["mlx_lm.server"] = {
