@@ -91,6 +91,8 @@ class Adapter:
             (``None``: the output, or its first item when it is a tuple).
         layout: where the parts were found, e.g. ``{"layers": "model.layers", "norm":
             "model.norm", "head": "lm_head"}``.
+        anchors: paths of the modules the parts come from (the layers' owner, the norm, the
+            head or the tied embeddings), to notice when one is replaced.
     """
 
     model_type: str
@@ -102,6 +104,7 @@ class Adapter:
     pre_head: Callable[[Any], Any] | None = None
     layout: dict[str, str] = field(default_factory=dict, compare=False)
     hidden_of: Callable[[Any], Any] | None = None
+    anchors: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -139,20 +142,21 @@ def _is_layer_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], nn.Module)
 
 
-def _find_layers(model: Any) -> tuple[list, list[tuple[str, Any]]]:
-    """The decoder layers and the chain of (path, module) from the model to their owner."""
+def _find_layers(model: Any) -> tuple[list, str, list[tuple[str, Any]]]:
+    """The decoder layers, the path of the list that holds them, and the chain of
+    (path, module) from the model to the module that owns that list."""
     modules = dict(model.named_modules())
     layers = None
     try:
         layers = getattr(model, "layers", None)
     except Exception:  # noqa: BLE001  (a property that cannot be read: search instead)
         layers = None
-    owner_path = None
+    owner_path, attribute = None, "layers"
     if _is_layer_list(layers):
         for path, module in modules.items():
-            for value in module.values():
+            for key, value in module.items():
                 if value is layers or (_is_layer_list(value) and value[0] is layers[0]):
-                    owner_path = path
+                    owner_path, attribute = path, key
                     break
             if owner_path is not None:
                 break
@@ -163,9 +167,9 @@ def _find_layers(model: Any) -> tuple[list, list[tuple[str, Any]]]:
             for name in LAYER_NAMES:
                 value = module.get(name) if isinstance(module, dict) else None
                 if _is_layer_list(value) and (best is None or len(value) > len(best[0])):
-                    best = (value, path)
+                    best = (value, path, name)
         if best is not None:
-            layers, owner_path = best
+            layers, owner_path, attribute = best
     if owner_path is None or not _is_layer_list(layers):
         raise UnsupportedModelError(
             f"Model type '{model_type_of(model)}' has no list of decoder layers that "
@@ -176,38 +180,46 @@ def _find_layers(model: Any) -> tuple[list, list[tuple[str, Any]]]:
     for i in range(len(parts)):
         path = ".".join(parts[: i + 1])
         chain.append((path, modules[path]))
-    return list(layers), chain
+    return list(layers), _join(owner_path, attribute), chain
 
 
 def _child(module: Any, name: str) -> Any:
     return module.get(name) if isinstance(module, dict) else None
 
 
-def _norms(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, Callable[[Any], Any]]]:
-    """Candidate final norms: on the layers' owner first, by role name; then none."""
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _norms(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, str, Callable[[Any], Any]]]:
+    """Candidate final norms as (label, module path, norm): on the layers' owner first, by
+    role name; then none."""
     for path, module in reversed(chain):
         for name in NORM_NAMES:
             norm = _child(module, name)
             if norm is not None and callable(norm) and not _is_layer_list(norm):
-                yield (f"{path}.{name}" if path else name), norm
-    yield "none", _identity
+                yield _join(path, name), _join(path, name), norm
+    yield "none", "", _identity
 
 
-def _heads(chain: list[tuple[str, Any]]) -> Iterator[tuple[str, Callable[[Any], Any], bool]]:
-    """Candidate heads: a separate head near the top first, then tied embeddings."""
+def _heads(
+    chain: list[tuple[str, Any]],
+) -> Iterator[tuple[str, str, Callable[[Any], Any], bool]]:
+    """Candidate heads as (label, module path, head, tied): a separate head near the top
+    first, then tied embeddings."""
     import mlx.nn as nn
 
     for path, module in chain:
         for name in HEAD_NAMES:
             head = _child(module, name)
             if isinstance(head, nn.Module) and callable(head):
-                yield (f"{path}.{name}" if path else name), head, False
+                yield _join(path, name), _join(path, name), head, False
     for path, module in reversed(chain):
         for name in EMBEDDING_NAMES:
             embedding = _child(module, name)
             if embedding is not None and hasattr(embedding, "as_linear"):
-                where = f"{path}.{name}" if path else name
-                yield f"{where}.as_linear (tied)", embedding.as_linear, True
+                where = _join(path, name)
+                yield f"{where}.as_linear (tied)", where, embedding.as_linear, True
 
 
 def _sharding_group(chain: list[tuple[str, Any]]) -> Any:
@@ -220,7 +232,7 @@ def _sharding_group(chain: list[tuple[str, Any]]) -> Any:
 
 def candidates(model: Any) -> Iterator[Adapter]:
     """Every adapter the model's structure allows, most likely first (unchecked)."""
-    layers, chain = _find_layers(model)
+    layers, layers_path, chain = _find_layers(model)
     model_type = model_type_of(model)
     modules = [m for _, m in chain]
     rule = LOGIT_RULES.get(model_type)
@@ -238,13 +250,14 @@ def candidates(model: Any) -> Iterator[Adapter]:
         capped = compose(transform, softcap(cap))
         transforms = [(" and ".join(filter(None, (named, f"softcap {cap:g}"))), capped)]
         transforms.append((named, transform))
-    layers_path = f"{chain[-1][0]}.layers" if chain[-1][0] else "layers"
-    norms = [(f"{model_type} rule", found.norm)] if found.norm else list(_norms(chain))
-    heads = [(f"{model_type} rule", found.head, False)] if found.head else list(_heads(chain))
-    for norm_path, norm in norms:
-        for head_path, head, tied in heads:
+    ruled = f"{model_type} rule"
+    norms = [(ruled, "", found.norm)] if found.norm else list(_norms(chain))
+    heads = [(ruled, "", found.head, False)] if found.head else list(_heads(chain))
+    for norm_label, norm_path, norm in norms:
+        for head_label, head_path, head, tied in heads:
             for label, post_head in transforms:
-                layout = {"layers": layers_path, "norm": norm_path, "head": head_path}
+                layout = {"layers": layers_path, "norm": norm_label}
+                layout["head"] = head_label
                 if label:
                     layout["logits"] = label
                 yield Adapter(
@@ -257,6 +270,7 @@ def candidates(model: Any) -> Iterator[Adapter]:
                     pre_head=pre,
                     layout=layout,
                     hidden_of=found.hidden_of,
+                    anchors=tuple(p for p in (layers_path, norm_path, head_path) if p),
                 )
 
 
@@ -369,26 +383,9 @@ def get_adapter(model: Any, *, verify: bool = True) -> Adapter:
     adapter = check(model)
     # A plain attribute, invisible to the parameter tree (as the taps are). The parts are
     # found again if a module was replaced since (quantized, sharded, reloaded).
-    anchors = tuple(
-        (path, _resolve(model, path))
-        for path in (
-            adapter.layout["layers"],
-            _module_path(adapter.layout["norm"]),
-            _module_path(adapter.layout["head"]),
-        )
-        if path
-    )
+    anchors = tuple((path, _resolve(model, path)) for path in adapter.anchors)
     object.__setattr__(model, "_layerdecode_adapter", (adapter, anchors))
     return adapter
-
-
-def _module_path(where: str) -> str:
-    """The module path in a layout entry (``"model.embed_tokens.as_linear (tied)"`` ->
-    ``"model.embed_tokens"``; ``"none"`` -> ``""``)."""
-    if where == "none":
-        return ""
-    path = where.split(" ", 1)[0]
-    return path.removesuffix(".as_linear")
 
 
 def _resolve(model: Any, path: str) -> Any:
@@ -398,11 +395,6 @@ def _resolve(model: Any, path: str) -> Any:
         if node is None:
             return None
     return node
-
-
-def forget_adapter(model: Any) -> None:
-    """Drop the adapter remembered for ``model`` (after its modules were replaced)."""
-    model.__dict__.pop("_layerdecode_adapter", None)
 
 
 __all__ = ["LOGIT_RULES", "Adapter", "Rule", "candidates", "check", "get_adapter", "model_type_of"]
