@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .taps import first_output
+
 Transform = Callable[[Any], Any]
 
 
@@ -158,7 +160,7 @@ def _altup(chain: list[Any]) -> Rule:
     owner = chain[-1]
 
     def merge(out):
-        h = out[0] if isinstance(out, tuple) else out
+        h = first_output(out)
         if h.ndim != 4:
             return h
         target = mx.mean(h[0] ** 2, axis=-1, keepdims=True) ** 0.5
@@ -213,15 +215,13 @@ def softcap_of(chain: list[Any]) -> float | None:
 
 
 def gather(group: Any) -> Transform:
-    import mlx.core as mx
+    """The logits of a head split over the vocabulary across ``group``, gathered as mlx-lm's
+    models gather them."""
+    from functools import partial
 
-    def transform(logits):
-        n, size = group.size(), logits.shape[-1]
-        parts = mx.distributed.all_gather(logits.reshape(-1, size), group=group)
-        parts = parts.reshape(n, -1, size).transpose(1, 0, 2)
-        return parts.reshape(*logits.shape[:-1], n * size)
+    from mlx_lm.models.base import gather_last_axis
 
-    return transform
+    return partial(gather_last_axis, group=group)
 
 
 def compose(*steps: Transform | None) -> Transform | None:
