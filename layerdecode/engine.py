@@ -27,10 +27,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import PromptProcessingBatch, generation_stream
 from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler as greedy
 
 from .adapters import get_adapter
 from .errors import ConfigError
-from .events import LogitsProcessor, Plan, Sampler, TokenEvent, greedy, top_logprobs
+from .events import LogitsProcessor, Plan, Sampler, TokenEvent, top_logprobs
 from .fastmath import log_softmax
 from .strategy import Decision, ModelFacts, Strategy, model_facts
 from .taps import Capture, install_taps
@@ -222,9 +223,12 @@ class Engine:
         output = None
         if self.tokenizer is not None:
             output = OutputStream(
-                self.tokenizer, max_tokens=max_tokens, stop=options.stop_sequences, prompt=prompt
+                self.tokenizer,
+                max_tokens=max_tokens,
+                stop=options.stop_sequences,
+                prompt=prompt,
+                eos=stop,
             )
-            output.eos = set(stop)
         row = _Row(
             key=next(_keys) if key is None else key,
             prompt=prompt,
@@ -443,7 +447,7 @@ class Engine:
             (positions, self._sample_rows(logprobs[mx.array(positions)], rows, positions))
             for positions in together.values()
         ]
-        return _scatter([(p, s) for p, s in parts], len(rows))
+        return _scatter(parts, len(rows))
 
     def _sample_rows(self, logprobs: mx.array, rows: list[_Row], positions: list[int]) -> mx.array:
         row = rows[positions[0]]
@@ -514,11 +518,10 @@ def _in_row_order(
     if len(decided) == 1:
         d = decided[0][1]
         return d.logits, d.layers.astype(mx.int32), d.entropy.astype(mx.float32)
-    parts = [(p, d) for p, d in decided]
     return (
-        _scatter([(p, d.logits) for p, d in parts], rows),
-        _scatter([(p, d.layers.astype(mx.int32)) for p, d in parts], rows),
-        _scatter([(p, d.entropy.astype(mx.float32)) for p, d in parts], rows),
+        _scatter([(p, d.logits) for p, d in decided], rows),
+        _scatter([(p, d.layers.astype(mx.int32)) for p, d in decided], rows),
+        _scatter([(p, d.entropy.astype(mx.float32)) for p, d in decided], rows),
     )
 
 

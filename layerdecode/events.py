@@ -21,11 +21,6 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def greedy(logprobs: mx.array) -> mx.array:
-    """The most likely token of each row."""
-    return mx.argmax(logprobs, axis=-1)
-
-
 @dataclass(frozen=True)
 class Plan:
     """How one row decodes.

@@ -9,7 +9,7 @@ of a stop sequence, and splits the text into reasoning and answer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from .reasoning import ReasoningSplitter
@@ -80,7 +80,8 @@ class OutputStream:
 
     ``max_tokens`` of -1 means no limit. ``prompt`` (its token ids) tells whether the
     output starts inside a reasoning block the prompt opened. Stop sequences are matched
-    in the text as generated, markers and reasoning included.
+    in the text as generated, markers and reasoning included. ``eos``: the token ids that
+    end the sequence (default: the tokenizer's end of sequence).
     """
 
     def __init__(
@@ -90,10 +91,11 @@ class OutputStream:
         max_tokens: int,
         stop: Sequence[str] = (),
         prompt: Sequence[int] = (),
+        eos: Iterable[int] | None = None,
     ) -> None:
         self.text = TextStream(tokenizer, stop)
         self.parts = ReasoningSplitter.for_prompt(tokenizer, prompt)
-        self.eos = set(tokenizer.eos_token_ids)
+        self.eos = set(tokenizer.eos_token_ids if eos is None else eos)
         self.max_tokens = max_tokens
         self.count = 0
 
