@@ -64,9 +64,8 @@ def generate_step(
     unknown = sorted(set(kwargs) - set(STEP_KEYS))
     if unknown:
         raise ConfigError(f"generate_step does not take {', '.join(unknown)}.")
-    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
-    if not ids or (isinstance(prompt, mx.array) and prompt.ndim != 1):
-        raise ConfigError("The prompt is empty: give at least one token.")
+    if isinstance(prompt, mx.array) and prompt.ndim != 1:
+        raise ConfigError(f"The prompt must be 1-D token ids, got shape {tuple(prompt.shape)}.")
     if max_tokens == 0:
         return iter(())
     plan = Plan(
@@ -76,13 +75,17 @@ def generate_step(
         logits_processors=tuple(logits_processors or ()),
         stop_tokens=tuple(stop_tokens),
     )
-    return _one_row(model, None, ids, plan, kwargs)
+    return _one_row(model, None, prompt, plan, kwargs)
 
 
 def _one_row(
-    model: nn.Module, tokenizer: Any, prompt: list[int], plan: Plan, step_kwargs: dict[str, Any]
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: mx.array | Sequence[int],
+    plan: Plan,
+    step_kwargs: dict[str, Any],
 ) -> Generator[TokenEvent, None, None]:
-    """The events of one row decoded alone."""
+    """The events of one row decoded alone (an empty prompt is refused by the engine)."""
     engine = Engine(
         model,
         tokenizer,
@@ -90,7 +93,7 @@ def _one_row(
         max_kv_size=step_kwargs.get("max_kv_size"),
     )
     engine.add(
-        prompt,
+        prompt.tolist() if isinstance(prompt, mx.array) else prompt,
         plan,
         key=0,
         prompt_cache=step_kwargs.get("prompt_cache"),
@@ -186,11 +189,10 @@ def stream_resolved(
 
     ``step_kwargs`` are :func:`generate_step`'s (``max_kv_size``, ``prompt_cache``...).
     """
-    ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
     plan = Plan(
         resolved, options, sampler=sampler, logits_processors=tuple(logits_processors or ())
     )
-    return _one_row(model, tokenizer, ids, plan, step_kwargs)
+    return _one_row(model, tokenizer, prompt, plan, step_kwargs)
 
 
 @dataclass

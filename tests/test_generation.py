@@ -112,6 +112,8 @@ def test_empty_prompt_is_refused():
         next(
             generate_step(mx.array([], dtype=mx.uint32), tiny_model("llama"), get_strategy("final"))
         )
+    with pytest.raises(ConfigError, match=r"1-D token ids, got shape \(1, 2\)"):
+        generate_step(mx.array([[5, 6]]), tiny_model("llama"), get_strategy("final"))
 
 
 @pytest.mark.parametrize(
