@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -270,15 +271,11 @@ def model_types() -> list[str]:
     return sorted(found)
 
 
-_ARCHITECTURES: dict[str, Any] = {}
-
-
+@functools.cache
 def _architectures() -> dict[str, Any]:
-    if not _ARCHITECTURES:
-        import json
+    import json
 
-        _ARCHITECTURES.update(json.loads(ARCHITECTURES_FILE.read_text(encoding="utf-8")))
-    return _ARCHITECTURES
+    return json.loads(ARCHITECTURES_FILE.read_text(encoding="utf-8"))
 
 
 def _tiny_from_config(arch: str, model_args: dict[str, Any]) -> nn.Module:
