@@ -67,6 +67,9 @@ class _Row:
     stop_tokens: frozenset[int]
     prompt_cache: list[Any] | None = None
     progress: Callable[[int, int], None] | None = None
+    cache: list[Any] | None = None  # its own caches while it is prefilled
+    filled: int = 0  # prompt tokens in its caches
+    prefill_seconds: float = 0.0
     count: int = 0
     done: bool = False
     prompt_tps: float = 0.0
@@ -169,6 +172,7 @@ class Engine:
         self.max_kv_size = max_kv_size
         self.groups: dict[str, _Group] = {}
         self.waiting: list[_Row] = []
+        self.prefilling: _Row | None = None  # a long prompt, prefilled a chunk per step
         self.rows: list[_Row] = []  # the rows of ``upcoming``, in cache order
         self.cache: list[Any] | None = None
         self.batched = False  # the caches are mlx-lm's batch caches
@@ -196,8 +200,9 @@ class Engine:
             prompt: the prompt's token ids (at least one).
             plan: how the row decodes.
             key: the row's key in its events (default: a new integer).
-            prompt_cache: a cache from ``make_prompt_cache`` to fill and reuse (only for a
-                row that runs alone).
+            prompt_cache: a cache from ``make_prompt_cache`` to fill and reuse: the row's
+                prompt is processed into it (after what it holds already). It keeps
+                receiving the row's tokens while the row runs alone.
             progress: called with (processed, total) prompt tokens while prefilling.
 
         Returns:
@@ -255,7 +260,8 @@ class Engine:
         if group is None:
             # Groups no row uses any more are dropped first: a server that sees many
             # strategies keeps only those of its live rows.
-            live = {id(r.group) for r in [*self.rows, *self.waiting] if not r.done}
+            rows = [*self.rows, *self.waiting, *([self.prefilling] if self.prefilling else [])]
+            live = {id(r.group) for r in rows if not r.done}
             self.groups = {k: g for k, g in self.groups.items() if id(g) in live}
             group = self.groups[key] = _Group(plan.strategy.strategy, self.facts)
         return group
@@ -263,13 +269,17 @@ class Engine:
     def cancel(self, key: Hashable) -> None:
         """End a row (its client went away): it leaves before the next step."""
         self.waiting = [r for r in self.waiting if r.key != key]
+        if self.prefilling is not None and self.prefilling.key == key:
+            self.prefilling = None  # its partial caches go with it
+            mx.clear_cache()
         for row in self.rows:
             if row.key == key:
                 row.done = True
 
     def __len__(self) -> int:
-        """Rows waiting or generating."""
-        return len(self.waiting) + sum(not r.done for r in self.rows)
+        """Rows waiting, being prefilled or generating."""
+        prefilling = self.prefilling is not None
+        return len(self.waiting) + prefilling + sum(not r.done for r in self.rows)
 
     def run(self) -> Iterator[list[TokenEvent]]:
         """Step until every row has ended; one list of events per step."""
@@ -284,15 +294,16 @@ class Engine:
         """One token for every running row (rows added now answer at the next step)."""
         current, rows = self._settle()
         if current is None:
-            if not self.waiting:
+            if not self.waiting and self.prefilling is None:
                 return []
             current = self._build(None)
+            if current is None:  # a chunk of a long prompt; nothing to decode yet
+                return []
             rows = list(self.rows)
         ending = all(r.budget_ends_next() for r in rows)
-        follow = self.waiting or not ending
-        syncs = any(r.group.strategy.host_sync for r in rows) or any(
-            r.group.strategy.host_sync for r in self.waiting
-        )
+        joining = [*self.waiting, *([self.prefilling] if self.prefilling else [])]
+        follow = joining or not ending
+        syncs = any(r.group.strategy.host_sync for r in [*rows, *joining])
         if follow and not syncs:
             self.upcoming = self._build(current.tokens)
         events = self._read(current, rows)
@@ -321,74 +332,140 @@ class Engine:
             current = current.take(keep)
         return current, list(self.rows)
 
-    def _build(self, tokens: mx.array | None) -> _Step:
-        joiners, self.waiting = self.waiting, []
-        if joiners:
-            last = self._prefill(joiners)
-            tokens = last if tokens is None else mx.concatenate([tokens, last])
+    def _build(self, tokens: mx.array | None) -> _Step | None:
+        """The next step of the running rows and of those whose prefill ends now."""
+        if self.waiting or self.prefilling is not None:
+            joined = self._admit()
+            if joined:
+                last = mx.array([r.prompt[-1] for r in joined], dtype=mx.uint32)
+                tokens = last if tokens is None else mx.concatenate([tokens, last])
+        if tokens is None:
+            return None
         out = self._decide(tokens)
         mx.async_eval(*out.arrays())
         return out
 
     # -- prefill -------------------------------------------------------------------------
 
-    def _prefill(self, joiners: list[_Row]) -> mx.array:
-        """Prefill the joiners' prompts (all but their last token) into the caches."""
+    def _admit(self) -> list[_Row]:
+        """This step's share of prefill; the rows whose prompts are now in a cache.
+
+        While rows generate, at most ``prefill_step_size`` prompt tokens are processed per
+        step, so their streams keep flowing behind a long prompt. A prompt longer than that
+        is prefilled alone, one chunk per step, first come first served (the rows behind it
+        wait for it); shorter ones are prefilled together. With nothing running or in
+        progress, every short prompt waiting is prefilled at once.
+        """
+        step = self.prefill_step_size
+        budget = step if self.rows or self.prefilling is not None else None  # None: no limit
+        ready: list[_Row] = []
+        if self.prefilling is not None:
+            row = self.prefilling
+            budget -= self._chunk(row, step)
+            if row.filled == len(row.prompt) - 1:
+                ready.append(row)
+                self.prefilling = None
+        batch: list[_Row] = []
+        while self.waiting:
+            row = self.waiting[0]
+            need = len(row.prompt) - 1
+            if need > step:
+                if self.prefilling is None and budget in (None, step):
+                    self.prefilling = self.waiting.pop(0)
+                    self._start(row)
+                    self._chunk(row, step)
+                break
+            if budget is not None:
+                if need > budget:
+                    break
+                budget -= need
+            batch.append(self.waiting.pop(0))
+        alone = [r for r in batch if r.prompt_cache is not None]
+        together = [r for r in batch if r.prompt_cache is None]
+        if len(together) == 1:
+            alone, together = alone + together, []
+        for row in alone:
+            self._start(row)
+            self._chunk(row, len(row.prompt))
+        joined = [*ready, *alone]
+        caches = [(row.cache, False) for row in joined]
+        if together:
+            tic = time.perf_counter()
+            caches.append((self._prefill_together(together), True))
+            share = (time.perf_counter() - tic) / len(together)
+            for row in together:
+                row.prefill_seconds += share
+            joined += together
+        self._join(joined, caches)
+        return joined
+
+    def _start(self, row: _Row) -> None:
+        row.cache = row.prompt_cache or make_prompt_cache(self.model, self.max_kv_size)
+        row.filled = 0
+        if row.progress is not None:
+            row.progress(0, len(row.prompt))
+
+    def _chunk(self, row: _Row, limit: int) -> int:
+        """Prefill up to ``limit`` more of the row's prompt (never its last token)."""
+        n = min(limit, len(row.prompt) - 1 - row.filled)
+        if n <= 0:
+            return 0
         tic = time.perf_counter()
-        if not self.rows and len(joiners) == 1:
-            row = joiners[0]
-            cache = row.prompt_cache or make_prompt_cache(self.model, self.max_kv_size)
-            self._prefill_alone(row, cache)
-            self.cache, self.batched = cache, False
-        else:
-            if any(r.prompt_cache is not None for r in joiners):
-                raise ConfigError("A prompt cache can be given only to a row that runs alone.")
-            self._prefill_together(joiners)
-        now = time.perf_counter()
-        total = sum(len(r.prompt) for r in joiners)
-        for r in joiners:
-            r.prompt_tps = total / max(now - tic, 1e-9)
-            r.tic = now
-        self.rows += joiners
-        return mx.array([r.prompt[-1] for r in joiners], dtype=mx.uint32)
-
-    def _prefill_alone(self, row: _Row, cache: list[Any]) -> None:
-        prompt = mx.array(row.prompt, dtype=mx.uint32)
-        total, done = prompt.size, 0
-        progress = row.progress or (lambda *_: None)
-        progress(done, total)
+        tokens = mx.array(row.prompt[row.filled : row.filled + n], dtype=mx.uint32)
         with mx.stream(generation_stream):
-            while total - done > 1:
-                n = min(self.prefill_step_size, total - done - 1)
-                self.model(prompt[done : done + n][None], cache=cache)
-                mx.eval([c.state for c in cache])
-                done += n
-                progress(done, total)
-                mx.clear_cache()
-        progress(total, total)
+            self.model(tokens[None], cache=row.cache)
+            mx.eval([c.state for c in row.cache])
+        row.filled += n
+        row.prefill_seconds += time.perf_counter() - tic
+        if row.progress is not None:
+            row.progress(row.filled, len(row.prompt))
+        mx.clear_cache()
+        return n
 
-    def _prefill_together(self, joiners: list[_Row]) -> None:
+    def _prefill_together(self, rows: list[_Row]) -> list[Any]:
+        """Prefill several prompts in one batch; their caches, as mlx-lm's batch caches."""
         model = self.model
         with mx.stream(generation_stream):
             prefill = PromptProcessingBatch(
                 model,
-                uids=list(range(len(joiners))),
-                caches=[make_prompt_cache(model, self.max_kv_size) for _ in joiners],
+                uids=list(range(len(rows))),
+                caches=[make_prompt_cache(model, self.max_kv_size) for _ in rows],
                 prefill_step_size=self.prefill_step_size,
             )
-            if any(len(r.prompt) > 1 for r in joiners):
-                prefill.prompt([r.prompt[:-1] for r in joiners])
-        if self.cache is None:
-            self.cache = prefill.prompt_cache
+            if any(len(r.prompt) > 1 for r in rows):
+                prefill.prompt([r.prompt[:-1] for r in rows])
+        return prefill.prompt_cache
+
+    def _join(self, joined: list[_Row], caches: list[tuple[list[Any], bool]]) -> None:
+        """The prefilled rows join the running ones.
+
+        ``caches``: the joiners' caches in their order, each a row's plain caches or, marked
+        ``True``, the batch caches of several rows prefilled together.
+        """
+        if not joined:
+            return
+        if not self.rows and len(joined) == 1:
+            # A row running alone keeps mlx-lm's plain caches: exactly mlx-lm's own loop.
+            self.cache, self.batched = caches[0][0], False
         else:
-            if not self.batched:  # the row running alone joins mlx-lm's batch caches
+            merged = [c if batch else [x.merge([x]) for x in c] for c, batch in caches]
+            if self.cache is None:
+                self.cache, merged = merged[0], merged[1:]
+            elif not self.batched:  # the row running alone joins mlx-lm's batch caches
                 self.cache = [c.merge([c]) for c in self.cache]
-            for mine, theirs in zip(self.cache, prefill.prompt_cache, strict=True):
-                mine.extend(theirs)
-        self.batched = True
-        for r in joiners:
-            if r.progress is not None:
-                r.progress(len(r.prompt), len(r.prompt))
+            for theirs in merged:
+                for mine, other in zip(self.cache, theirs, strict=True):
+                    mine.extend(other)
+            self.batched = True
+        now = time.perf_counter()
+        for row in joined:
+            if self.batched:
+                row.cache = None  # merged into the engine's caches
+            row.prompt_tps = len(row.prompt) / max(row.prefill_seconds, 1e-9)
+            row.tic = now
+            if row.progress is not None:
+                row.progress(len(row.prompt), len(row.prompt))
+        self.rows += joined
 
     # -- deciding ------------------------------------------------------------------------
 
