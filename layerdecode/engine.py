@@ -116,9 +116,16 @@ class _Step:
     layers: mx.array  # (rows,)
     entropy: mx.array  # (rows,)
     extras: list[tuple[list[int], dict[str, mx.array]]]  # (row positions, arrays) per group
+    changed: mx.array | None  # (rows,) 1, 0, or -1 (unknown); None: no row can change
+    head_rows: mx.array  # (rows,)
+    # (row positions, layers, (rows, layers) entropies) per group that reports candidates;
+    # read only for the rows that ask for them.
+    candidates: list[tuple[list[int], tuple[int, ...], mx.array]]
 
     def arrays(self) -> list[mx.array]:
-        out = [self.tokens, self.logprobs, self.layers, self.entropy]
+        out = [self.tokens, self.logprobs, self.layers, self.entropy, self.head_rows]
+        if self.changed is not None:
+            out.append(self.changed)
         for _, extras in self.extras:
             out.extend(extras.values())
         return out
@@ -126,15 +133,25 @@ class _Step:
     def take(self, keep: list[int]) -> _Step:
         index = mx.array(keep)
         where = {old: new for new, old in enumerate(keep)}
+
+        def kept_rows(positions: list[int]) -> tuple[list[int], mx.array] | None:
+            kept = [(i, where[p]) for i, p in enumerate(positions) if p in where]
+            if not kept:
+                return None
+            return [p for _, p in kept], mx.array([i for i, _ in kept])
+
         extras = []
         for positions, arrays in self.extras:
-            kept = [(i, where[p]) for i, p in enumerate(positions) if p in where]
-            if kept:
-                rows = mx.array([i for i, _ in kept])
-                extras.append(([p for _, p in kept], {k: v[rows] for k, v in arrays.items()}))
+            if (found := kept_rows(positions)) is not None:
+                extras.append((found[0], {k: v[found[1]] for k, v in arrays.items()}))
+        candidates = []
+        for positions, layers, values in self.candidates:
+            if (found := kept_rows(positions)) is not None:
+                candidates.append((found[0], layers, values[found[1]]))
         return _Step(
             self.tokens[index], self.logprobs[index], self.layers[index], self.entropy[index],
-            extras,
+            extras, None if self.changed is None else self.changed[index],
+            self.head_rows[index], candidates,
         )  # fmt: skip
 
 
@@ -479,7 +496,8 @@ class Engine:
             groups: dict[int, tuple[_Group, list[int]]] = {}
             for position, row in enumerate(rows):
                 groups.setdefault(id(row.group), (row.group, []))[1].append(position)
-            decided: list[tuple[list[int], Decision]] = []
+            decided: list[tuple[list[int], Decision, mx.array]] = []
+            references: list[tuple[list[int], mx.array]] = []
             for group, positions in groups.values():
                 if len(positions) == len(rows):
                     view = LayerView(self.adapter, capture, final, group.exits)
@@ -489,61 +507,132 @@ class Engine:
                         self.adapter, _RowsCapture(capture, index), final[index], group.exits
                     )
                 view.states = [rows[p].state for p in positions]
-                decided.append((positions, group.strategy.select(view)))
-            logits, layers, entropy = _in_row_order(decided, len(rows))
-            logits = self._process(logits, tokens, rows)
+                decision = group.strategy.select(view)
+                decided.append((positions, decision, view.head_rows()))
+                # The final layer's logits, to tell whether the strategy changed the token
+                # (read after the head rows are counted: the flag is not the strategy's cost).
+                reference = decision.final
+                if reference is None:
+                    reference = view.logits(view.final_layer)
+                if reference is not decision.logits:
+                    references.append((positions, reference))
+            logits, layers, entropy, head_rows = _in_row_order(decided, len(rows))
+            compared = [p for positions, _ in references for p in positions]
+            reference = None
+            if compared:
+                # Rows compared with themselves (their strategy decodes the final layer) get
+                # the same token twice: one sampling call for all rows keeps the draws equal.
+                reference = _scatter(
+                    [*references, *[([p], logits[p : p + 1]) for p in _others(compared, rows)]],
+                    len(rows),
+                )
+            logits, reference = self._process(logits, reference, tokens, rows)
             logprobs = log_softmax(logits)
-            sampled = self._sample(logprobs, rows)
-        extras = [(positions, d.extras) for positions, d in decided if d.extras]
-        return _Step(sampled, logprobs, layers, entropy, extras)
+            sampled, changed = self._sample(logprobs, reference, rows)
+        extras = [(positions, d.extras) for positions, d, _ in decided if d.extras]
+        candidates = [
+            (positions, d.candidate_layers, d.candidate_entropy)
+            for positions, d, _ in decided
+            if d.candidate_entropy is not None
+        ]
+        return _Step(
+            sampled, logprobs, layers, entropy, extras, changed, head_rows, candidates
+        )  # fmt: skip
 
-    def _process(self, logits: mx.array, tokens: mx.array, rows: list[_Row]) -> mx.array:
+    def _process(
+        self, logits: mx.array, reference: mx.array | None, tokens: mx.array, rows: list[_Row]
+    ) -> tuple[mx.array, mx.array | None]:
+        """Each row's processors over its logits (and its reference logits, alike)."""
         if not any(r.processors for r in rows):
-            return logits
-        out = []
+            return logits, reference
+        out, ref = [], []
         for i, row in enumerate(rows):
             row_logits = logits[i : i + 1]
+            if reference is not None:
+                row_logits = mx.concatenate([row_logits, reference[i : i + 1]])
             if row.processors:
                 history = row.history.update_and_fetch(tokens[i : i + 1])
                 for processor in row.processors:
                     row_logits = processor(history, row_logits)
-            out.append(row_logits)
-        return out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
+            out.append(row_logits[:1])
+            ref.append(row_logits[1:])
+        if reference is not None:
+            reference = mx.concatenate(ref, axis=0)
+        return mx.concatenate(out, axis=0), reference
 
-    def _sample(self, logprobs: mx.array, rows: list[_Row]) -> mx.array:
+    def _sample(
+        self, logprobs: mx.array, reference: mx.array | None, rows: list[_Row]
+    ) -> tuple[mx.array, mx.array | None]:
+        """Each row's token, and whether it differs from the one its reference logits give
+        under the same sampler and draw (1, 0; -1 for a sampler that cannot be replayed)."""
+        if reference is not None:
+            reference = log_softmax(reference)
         if all(r.sampler is None for r in rows):
-            return greedy(logprobs)
-        if len(rows) == 1:
-            return self._sample_rows(logprobs, rows, [0])
+            tokens = greedy(logprobs)
+            if reference is None:
+                return tokens, None
+            return tokens, (tokens != greedy(reference)).astype(mx.int32)
         # Rows with the same sampling settings are sampled together.
         together: dict[Any, list[int]] = {}
         for i, row in enumerate(rows):
             key = "greedy" if row.sampler is None else row.plan.sampling_key() or ("own", i)
             together.setdefault(key, []).append(i)
-        parts = [
-            (positions, self._sample_rows(logprobs[mx.array(positions)], rows, positions))
-            for positions in together.values()
-        ]
-        return _scatter(parts, len(rows))
+        parts, flags = [], []
+        for positions in together.values():
+            index = mx.array(positions) if len(positions) < len(rows) else None
+            lp = logprobs if index is None else logprobs[index]
+            ref = reference if reference is None or index is None else reference[index]
+            tokens, flag = self._sample_rows(lp, ref, rows[positions[0]])
+            parts.append((positions, tokens))
+            flags.append((positions, flag))
+        changed = None if reference is None else _scatter(flags, len(rows))
+        return _scatter(parts, len(rows)), changed
 
-    def _sample_rows(self, logprobs: mx.array, rows: list[_Row], positions: list[int]) -> mx.array:
-        row = rows[positions[0]]
+    def _sample_rows(
+        self, logprobs: mx.array, reference: mx.array | None, row: _Row
+    ) -> tuple[mx.array, mx.array]:
+        n = logprobs.shape[0]
         if row.sampler is None:
-            return greedy(logprobs)
-        if row.keyed is not None:
+            tokens = greedy(logprobs)
+            other = greedy(reference) if reference is not None else tokens
+        elif row.keyed is not None:
             row.random_key, key = mx.random.split(row.random_key)
-            return row.keyed(logprobs, key)
-        return row.sampler(logprobs)
+            tokens = row.keyed(logprobs, key)
+            other = row.keyed(reference, key) if reference is not None else tokens
+        elif reference is None or row.plan.sampler is not None:
+            tokens = row.sampler(logprobs)
+            if reference is not None:  # a caller's sampler: its draw cannot be replayed
+                return tokens, mx.full((n,), -1, dtype=mx.int32)
+            other = tokens
+        else:
+            # The options' sampler, drawn from a key taken from MLX's random state so that
+            # the reference logits can be drawn again with the same noise.
+            keyed = row.plan.options.keyed_sampler()
+            key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+            tokens, other = keyed(logprobs, key), keyed(reference, key)
+        return tokens, (tokens != other).astype(mx.int32)
 
     # -- reading -------------------------------------------------------------------------
 
     def _read(self, out: _Step, rows: list[_Row]) -> list[TokenEvent]:
         tokens, layers, entropies = out.tokens.tolist(), out.layers.tolist(), out.entropy.tolist()
+        head_rows = out.head_rows.tolist()
+        changed = [0] * len(rows) if out.changed is None else out.changed.tolist()
         extras: list[dict[str, int]] = [{} for _ in rows]
         for positions, arrays in out.extras:
             for name, values in arrays.items():
                 for position, value in zip(positions, values.tolist(), strict=True):
                     extras[position][name] = value
+        candidates: list[dict[int, float]] = [{} for _ in rows]
+        for positions, cand_layers, values in out.candidates:
+            if not any(rows[p].plan.candidates for p in positions):
+                continue
+            for position, row_values in zip(positions, values.tolist(), strict=True):
+                candidates[position] = {
+                    layer: value
+                    for layer, value in zip(cand_layers, row_values, strict=True)
+                    if value == value  # NaN: a layer this row did not read
+                }
         peak = mx.get_peak_memory() / 1e9
         now = time.perf_counter()
         events = []
@@ -565,7 +654,11 @@ class Engine:
                 generation_tokens=row.count,
                 generation_tps=row.count / max(now - row.tic, 1e-9),
                 peak_memory=peak,
+                changed=None if changed[i] < 0 else bool(changed[i]),
+                head_rows=head_rows[i],
             )
+            if row.plan.candidates:
+                event.candidates = candidates[i] or {layers[i]: entropies[i]}
             if row.output is not None:
                 released = row.output.feed(token)
                 event.text, event.reasoning, event.part = released[:3]
@@ -589,17 +682,23 @@ class Engine:
 
 
 def _in_row_order(
-    decided: list[tuple[list[int], Decision]], rows: int
-) -> tuple[mx.array, mx.array, mx.array]:
-    """The groups' logits, layers and entropies, put back in the rows' order."""
+    decided: list[tuple[list[int], Decision, mx.array]], rows: int
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The groups' logits, layers, entropies and head rows, put back in the rows' order."""
     if len(decided) == 1:
-        d = decided[0][1]
-        return d.logits, d.layers.astype(mx.int32), d.entropy.astype(mx.float32)
+        _, d, head = decided[0]
+        return d.logits, d.layers.astype(mx.int32), d.entropy.astype(mx.float32), head
     return (
-        _scatter([(p, d.logits) for p, d in decided], rows),
-        _scatter([(p, d.layers.astype(mx.int32)) for p, d in decided], rows),
-        _scatter([(p, d.entropy.astype(mx.float32)) for p, d in decided], rows),
+        _scatter([(p, d.logits) for p, d, _ in decided], rows),
+        _scatter([(p, d.layers.astype(mx.int32)) for p, d, _ in decided], rows),
+        _scatter([(p, d.entropy.astype(mx.float32)) for p, d, _ in decided], rows),
+        _scatter([(p, head) for p, _, head in decided], rows),
     )
+
+
+def _others(positions: list[int], rows: list[Any]) -> list[int]:
+    taken = set(positions)
+    return [p for p in range(len(rows)) if p not in taken]
 
 
 def _scatter(parts: list[tuple[list[int], mx.array]], rows: int) -> mx.array:

@@ -33,6 +33,8 @@ class Plan:
         logits_processors: mlx-lm processors, applied before the options' own.
         stop_tokens: token ids that end the row (default: the tokenizer's end of sequence).
         logprobs: how many most likely tokens to report with each token (``None``: none).
+        candidates: report the entropy of every candidate layer the strategy read, per
+            token (for traces; read back from the device each step).
     """
 
     strategy: ResolvedStrategy
@@ -41,6 +43,7 @@ class Plan:
     logits_processors: tuple[LogitsProcessor, ...] = ()
     stop_tokens: tuple[int, ...] | None = None
     logprobs: int | None = None
+    candidates: bool = False
 
     def strategy_key(self) -> str:
         """Rows whose keys are equal share one strategy object and one ``select``."""
@@ -84,6 +87,13 @@ class TokenEvent:
             first.
         in_output: ``False`` for the end-of-sequence (or stop) token that ended the row: it
             is not part of the output, its text or its token counts.
+        changed: whether the token differs from the one the final layer alone would give,
+            under the same processors, sampler and random draw (``False`` for ``final``;
+            ``None`` with a caller's own sampler, whose draw cannot be replayed).
+        head_rows: vocabulary-head rows the step cost this row (the final layer's included:
+            1 for ``final``).
+        candidates: the entropy of each candidate layer the strategy read (layer -> nats),
+            when the plan asked for them; else empty.
     """
 
     row: Hashable
@@ -106,6 +116,9 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     in_output: bool = True
+    changed: bool | None = False
+    head_rows: int = 1
+    candidates: dict[int, float] = field(default_factory=dict)
 
 
 def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:

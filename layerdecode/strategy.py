@@ -43,12 +43,20 @@ class Decision:
         layers: ``(batch,)`` integer 0-based decoder layer each row was decoded from.
         entropy: ``(batch,)`` entropy in nats of that layer's own distribution.
         extras: further ``(batch,)`` arrays to report per token (e.g. DoLa's premature layer).
+        final: the final layer's logits ``(batch, vocab)`` as the strategy decoded them, if it
+            did (the "changed" flag compares with the token they give); default: the view's.
+        candidate_layers: the layers whose entropy the strategy read, for traces.
+        candidate_entropy: ``(batch, len(candidate_layers))`` their entropies in nats, NaN
+            where a row did not read that layer.
     """
 
     logits: mx.array
     layers: mx.array
     entropy: mx.array
     extras: dict[str, mx.array] = field(default_factory=dict)
+    final: mx.array | None = None
+    candidate_layers: tuple[int, ...] = ()
+    candidate_entropy: mx.array | None = None
 
 
 def format_validation_error(strategy: str, error: ValidationError) -> str:

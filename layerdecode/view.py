@@ -89,11 +89,15 @@ class LayerView:
         self._entropy: dict[tuple[int, bool], mx.array] = {}
         self._position: dict[tuple[int, bool], int] = {}
         self._stack = None
+        # Head rows paid per row: the exits' stack, rows decoded at run time, the model's
+        # own head when it is read (see :meth:`head_rows`).
+        self._stacked_rows = 0
+        self._run_time_rows: list[tuple[mx.array | None, int]] = []
+        self._own_head_read = False
         final = (self.final_layer, True)
         wanted = list(dict.fromkeys((e.layer, e.norm) for e in exits))
         if wanted in ([], [final]):
             # Alone, the final layer is the model's own output, bit for bit.
-            self._logits[final] = final_logits
             return
         # Every exit goes through the head in one call: one pass over the head's weights,
         # which costs about as much as decoding a single row. The model's own head output is
@@ -107,6 +111,7 @@ class LayerView:
             parts.append(mx.stack([self.hidden(layer) for layer, _ in raw]))
         stacked = parts[0] if len(parts) == 1 else mx.concatenate(parts)
         self._stack = adapter.decode(stacked, norm=False)
+        self._stacked_rows = len(wanted)
         for position, key in enumerate(normed + raw):
             self._position[key] = position
 
@@ -126,7 +131,7 @@ class LayerView:
         key = (layer, norm)
         if key not in self._logits:
             if key == (self.final_layer, True) and key not in self._position:
-                return self._final_logits
+                return self.final_logits
             if key not in self._position:
                 self._check_layer(layer)
                 raise KeyError(
@@ -166,6 +171,7 @@ class LayerView:
         hidden = mx.stack([self.hidden(layer) for layer in layers])
         if rows is not None:
             hidden = hidden[:, rows]
+        self._run_time_rows.append((rows, len(layers)))
         if norm:
             hidden = self.adapter.norm(hidden)
         return self.adapter.decode(hidden, norm=False)
@@ -173,12 +179,23 @@ class LayerView:
     @property
     def decoded(self) -> list[tuple[int, bool]]:
         """The exits decoded in this step, as (layer, norm) pairs."""
-        return sorted(set(self._logits) | set(self._position))
+        own = {(self.final_layer, True)} if self._own_head_read else set()
+        return sorted(set(self._logits) | set(self._position) | own)
 
     @property
     def final_logits(self) -> mx.array:
         """The model's own logits ``(batch, vocab)``."""
+        self._own_head_read = True
         return self._final_logits
+
+    def head_rows(self) -> mx.array:
+        """Vocabulary-head rows ``(batch,)`` decoded so far for each row, the model's own
+        output included once read: what the step cost in head projections."""
+        base = self._stacked_rows + int(self._own_head_read)
+        counts = mx.full((self.batch_size,), base, dtype=mx.int32)
+        for rows, n in self._run_time_rows:
+            counts = counts + n if rows is None else counts.at[rows].add(n)
+        return counts
 
     def _check_layer(self, layer: int) -> None:
         if not (layer == EMBEDDINGS or 0 <= layer < self.num_layers):

@@ -212,6 +212,9 @@ class ConfidentStrategy(Strategy):
             logits=logits,
             layers=mx.array(layers, dtype=mx.int32)[chosen],
             entropy=mx.take_along_axis(entropy, chosen[None, :], axis=0)[0],
+            final=stacked[-1],
+            candidate_layers=tuple(layers),
+            candidate_entropy=entropy.T,
         )
 
     def _select_lazy(self, view: LayerView) -> Decision:
@@ -291,10 +294,18 @@ class ConfidentStrategy(Strategy):
         index = mx.array([where[(row, layer)] for row, layer in enumerate(chosen)])
         if len(blocks) > 1:
             blocks, entropies = [mx.concatenate(blocks)], [mx.concatenate(entropies)]
+        # Every layer a row read, as a (rows, candidates) matrix: NaN where it read none.
+        read = mx.array(
+            [[where.get((row, layer), size) for layer in self.candidates] for row in range(batch)]
+        )
+        padded = mx.concatenate([entropies[0], mx.array([math.nan], dtype=entropies[0].dtype)])
         return Decision(
             logits=blocks[0][index],
             layers=mx.array(chosen, dtype=mx.int32),
             entropy=entropies[0][index],
+            final=logits[0],
+            candidate_layers=tuple(self.candidates),
+            candidate_entropy=padded[read],
         )
 
     def _valley(self, entropy: mx.array) -> mx.array:

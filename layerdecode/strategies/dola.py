@@ -74,10 +74,12 @@ class DoLaStrategy(PrematureLayersStrategy):
     def select(self, view: LayerView) -> Decision:
         norm = self.params.premature_norm
         final = view.final_layer
-        final_p, final_lp = softmax_and_log(view.logits(final))
+        final_logits = view.logits(final)
+        final_p, final_lp = softmax_and_log(final_logits)
         if len(self.premature) == 1:
             chosen = mx.zeros((view.batch_size,), dtype=mx.int32)
             base_lp = log_softmax(view.logits(self.premature[0], norm=norm).astype(mx.float32))
+            premature_p, premature_lp = mx.exp(base_lp)[None], base_lp[None]
         else:
             premature_p, premature_lp = softmax_and_log(
                 view.stack_logits(self.premature, norm=norm)
@@ -85,14 +87,20 @@ class DoLaStrategy(PrematureLayersStrategy):
             divergence = self._js_divergence(final_p, final_lp, premature_p, premature_lp)
             chosen = mx.argmax(divergence, axis=0).astype(mx.int32)
             base_lp = mx.take_along_axis(premature_lp, chosen[None, :, None], axis=0)[0]
+        final_entropy = -mx.sum(final_p * final_lp, axis=-1)
+        # For traces only (evaluated when read): each candidate's entropy, the final's last.
+        premature_entropy = -mx.sum(premature_p * premature_lp, axis=-1)  # (K, batch)
         # Relative-top plausibility: keep tokens within relative_top of the best one.
         threshold = mx.max(final_lp, axis=-1, keepdims=True) + math.log(self.params.relative_top)
         logits = mx.where(final_lp < threshold, -mx.inf, final_lp - base_lp)
         return Decision(
             logits=logits,
             layers=mx.full((view.batch_size,), final, dtype=mx.int32),
-            entropy=-mx.sum(final_p * final_lp, axis=-1),
+            entropy=final_entropy,
             extras={"premature_layer": mx.array(self.premature, dtype=mx.int32)[chosen]},
+            final=final_logits,
+            candidate_layers=(*self.premature, final),
+            candidate_entropy=mx.concatenate([premature_entropy, final_entropy[None]]).T,
         )
 
     @staticmethod
