@@ -22,7 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .config import ResolvedStrategy, resolve_strategy
 from .engine import Engine, LogitsProcessor, Plan, Sampler, TokenEvent
 from .errors import ConfigError
-from .layerstats import layer_stats
+from .layerstats import TokenStats, layer_stats, token_stats
 from .options import GenerationOptions
 from .prompts import encode_prompt
 from .reasoning import REASONING, layers_by_part
@@ -199,11 +199,16 @@ def stream_resolved(
 class GenerationResult:
     """A whole generation: text, tokens and, per token, the layer it came from.
 
-    ``tokens``, ``layers``, ``entropies``, ``parts`` and ``extras`` have one entry per
-    generated token (the end-of-sequence token, which is not part of the text, is left out;
-    the tokens that spelled a stop sequence are kept, while the text ends before it).
-    ``text`` is the answer; a thinking model's reasoning is in ``reasoning`` (None when the
-    output had none), and ``parts`` says of each token whether it belongs to the
+    ``tokens``, ``layers``, ``entropies``, ``parts``, ``extras``, ``changed``,
+    ``head_rows`` and ``candidates`` have one entry per generated token (the
+    end-of-sequence token, which is not part of the text, is left out; the tokens that
+    spelled a stop sequence are kept, while the text ends before it). ``changed`` says
+    whether the token differs from the one the final layer alone would have given (None
+    where that cannot be told: a caller's own sampler, whose draw cannot be replayed),
+    ``head_rows`` how many vocabulary-head rows its step cost (the final layer's included),
+    and ``candidates`` the entropy of every layer the strategy read for it (layer ->
+    nats). ``text`` is the answer; a thinking model's reasoning is in ``reasoning`` (None
+    when the output had none), and ``parts`` says of each token whether it belongs to the
     ``"reasoning"`` or the ``"answer"``.
     """
 
@@ -222,6 +227,9 @@ class GenerationResult:
     stop_sequence: str | None = None
     reasoning: str | None = None
     parts: list[str] = field(default_factory=list)
+    changed: list[bool | None] = field(default_factory=list)
+    head_rows: list[int] = field(default_factory=list)
+    candidates: list[dict[int, float]] = field(default_factory=list)
 
     def layers_by_part(self) -> dict[str, list[int]]:
         """The layers of the reasoning's tokens and of the answer's (only the answer's when
@@ -238,10 +246,30 @@ class GenerationResult:
         """Mean number of layers below the final one that tokens were decoded from."""
         return layer_stats(self.layers, self.num_layers - 1)[1] or 0.0
 
+    def token_stats(self) -> TokenStats:
+        """The per-token figures: non-final and changed shares, depths, extra head rows."""
+        return token_stats(self.layers, self.num_layers - 1, self.changed, self.head_rows)
+
+    @property
+    def changed_share(self) -> float | None:
+        """Share of tokens that differ from the final layer's token (None: not known)."""
+        return self.token_stats().changed_share
+
+    @property
+    def extra_head_rows(self) -> float:
+        """Vocabulary-head rows per token beyond the final layer's one."""
+        return self.token_stats().extra_head_rows or 0.0
+
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: every field but ``candidates`` (a trace holds them), and the figures."""
         out = asdict(self)
+        del out["candidates"]
+        stats = self.token_stats()
         out["non_final_share"] = self.non_final_share
         out["mean_depth"] = self.mean_depth
+        out["changed_share"] = stats.changed_share
+        out["extra_head_rows"] = stats.extra_head_rows or 0.0
+        out["depth_histogram"] = stats.to_dict()["depth_histogram"]
         return out
 
 
@@ -280,6 +308,9 @@ class ResultCollector:
         self.layers: list[int] = []
         self.entropies: list[float] = []
         self.extras: dict[str, list[int]] = {}
+        self.changed: list[bool | None] = []
+        self.head_rows: list[int] = []
+        self.candidates: list[dict[int, float]] = []
         self.last: TokenEvent | None = None
 
     def add(self, response: TokenEvent) -> None:
@@ -294,6 +325,9 @@ class ResultCollector:
         self.entropies.append(response.entropy)
         for key, value in response.extras.items():
             self.extras.setdefault(key, []).append(value)
+        self.changed.append(getattr(response, "changed", False))
+        self.head_rows.append(getattr(response, "head_rows", 1))
+        self.candidates.append(getattr(response, "candidates", {}))
 
     def result(self, finish_reason: str | None = None) -> GenerationResult:
         """The result so far; ``finish_reason`` overrides the last response's."""
@@ -316,4 +350,7 @@ class ResultCollector:
             stop_sequence=last.matched_stop,
             reasoning="".join(self.reasoning) if REASONING in self.parts else None,
             parts=self.parts,
+            changed=self.changed,
+            head_rows=self.head_rows,
+            candidates=self.candidates,
         )

@@ -137,7 +137,8 @@ def layered_text(pieces: Sequence[tuple[str, int]], num_layers: int) -> Text:
 
 
 def summary_line(result: GenerationResult, *, strategy: str, interrupted: bool = False) -> Text:
-    """Tokens, speed, share of non-final tokens and mean depth, as one dim line."""
+    """Tokens, speed, share of non-final tokens, mean depth, share of changed tokens and
+    extra head rows per token, as one dim line."""
     n = len(result.tokens)
     parts = [
         f"{n} token{'s' if n != 1 else ''}{_reasoning_note(result)}",
@@ -145,6 +146,8 @@ def summary_line(result: GenerationResult, *, strategy: str, interrupted: bool =
         f"prompt {len(result.prompt_tokens)} tok at {result.prompt_tps:.1f} tok/s",
         f"non-final {result.non_final_share:.0%}",
         f"mean depth {result.mean_depth:.2f} below final",
+        "changed -" if result.changed_share is None else f"changed {result.changed_share:.1%}",
+        f"+{result.extra_head_rows:.2f} head rows/token",
         f"strategy {strategy}",
         f"peak {result.peak_memory_gb:.2f} GB",
         "interrupted" if interrupted else f"finish {result.finish_reason}",

@@ -104,6 +104,13 @@ class EvalRecord(BaseModel):
     the score was taken from; a thinking model's reasoning is in ``reasoning``, and
     ``parts`` then says of each token whether it was the ``reasoning``'s or the ``answer``'s
     (empty: every token was the answer's).
+
+    ``changed_at`` lists the token positions whose token differs from the one the final
+    layer alone would have given, and ``head_rows`` the vocabulary-head rows the tokens cost
+    (one per token for the final layer); ``n_changed``, ``share_changed`` and
+    ``extra_head_rows_per_token`` are derived from them. All are None in records written
+    before they were recorded. ``difficulty`` is the item's ``level`` or ``difficulty``
+    field when the data has one (the MATH convention).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -125,6 +132,12 @@ class EvalRecord(BaseModel):
     final_layer: int = Field(ge=0)
     share_non_final: float | None = None
     mean_depth_below_final: float | None = None
+    changed_at: list[int] | None = None
+    n_changed: int | None = None
+    share_changed: float | None = None
+    head_rows: int | None = Field(None, ge=0)
+    extra_head_rows_per_token: float | None = None
+    difficulty: str | None = None
     started_at: datetime
     finished_at: datetime
 
@@ -138,6 +151,18 @@ class EvalRecord(BaseModel):
         share, depth = layer_stats(self.layers, self.final_layer)
         object.__setattr__(self, "share_non_final", share)
         object.__setattr__(self, "mean_depth_below_final", depth)
+        n = len(self.layers)
+        changed = share_changed = extra = None
+        if self.changed_at is not None:
+            if any(not 0 <= p < n for p in self.changed_at):
+                raise ValueError(f"changed_at positions must lie in 0..{n - 1}")
+            changed = len(set(self.changed_at))
+            share_changed = changed / n if n else None
+        if self.head_rows is not None and n:
+            extra = (self.head_rows - n) / n
+        object.__setattr__(self, "n_changed", changed)
+        object.__setattr__(self, "share_changed", share_changed)
+        object.__setattr__(self, "extra_head_rows_per_token", extra)
         return self
 
     @property

@@ -7,6 +7,7 @@ Data only: the tables are in ``layerdecode.render``, the figure in ``layerdecode
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from layerdecode.eval.records import EvalRecord
+from layerdecode.layerstats import TokenStats, TokenTally
 from layerdecode.reasoning import layers_by_part
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "summarize",
     "disagreements",
     "part_summaries",
+    "token_tally",
+    "by_difficulty",
 ]
 
 Z_95 = 1.959963984540054
@@ -82,6 +86,22 @@ class StrategySummary:
     layer_histogram: dict[int, int] = field(default_factory=dict)
     final_layer: int | None = None
     busy_seconds: float | None = None
+    depth_histogram: dict[int, int] = field(default_factory=dict)
+    tokens_changed: int | None = None
+    share_changed: float | None = None
+    extra_head_rows_per_token: float | None = None
+
+    def token_stats(self) -> TokenStats:
+        """The per-token figures (shares over the strategy's tokens)."""
+        return TokenStats(
+            tokens=sum(self.depth_histogram.values()),
+            non_final_share=self.share_non_final,
+            mean_depth=self.mean_depth_below_final,
+            depth_histogram=dict(self.depth_histogram),
+            changed=self.tokens_changed,
+            changed_share=self.share_changed,
+            extra_head_rows=self.extra_head_rows_per_token,
+        )
 
 
 @dataclass
@@ -119,6 +139,7 @@ class Summary:
         data = asdict(self)
         for entry in data["strategies"]:
             entry["layer_histogram"] = {str(k): v for k, v in entry["layer_histogram"].items()}
+            entry["depth_histogram"] = {str(k): v for k, v in entry["depth_histogram"].items()}
         return data
 
 
@@ -172,6 +193,7 @@ def _strategy_summary(name: str, records: list[EvalRecord]) -> StrategySummary:
     layers = [layer for r in records for layer in r.layers]
     depths = [r.final_layer - layer for r in records for layer in r.layers]
     hits = sum(r.hit_token_limit for r in records)
+    tokens = token_tally(records).stats()
     return StrategySummary(
         name=name,
         n=n,
@@ -189,7 +211,19 @@ def _strategy_summary(name: str, records: list[EvalRecord]) -> StrategySummary:
         layer_histogram=dict(sorted(Counter(layers).items())),
         final_layer=max((r.final_layer for r in records), default=None),
         busy_seconds=busy_seconds(records),
+        depth_histogram=tokens.depth_histogram,
+        tokens_changed=tokens.changed,
+        share_changed=tokens.changed_share,
+        extra_head_rows_per_token=tokens.extra_head_rows,
     )
+
+
+def token_tally(records: Iterable[EvalRecord]) -> TokenTally:
+    """The records' tokens added up: depths, changed tokens and head rows where known."""
+    tally = TokenTally()
+    for r in records:
+        tally.add([r.final_layer - layer for layer in r.layers], r.n_changed, r.head_rows)
+    return tally
 
 
 def summarize(records: Iterable[EvalRecord], strategies: Sequence[str] | None = None) -> Summary:
@@ -325,3 +359,20 @@ def disagreements(records: Iterable[EvalRecord], strategies: Sequence[str]) -> l
             )
         )
     return found
+
+
+def _level_key(level: str) -> tuple:
+    """Natural order: ``Level 2`` before ``Level 10``, numbers by value, words after."""
+    pieces = re.split(r"(\d+(?:\.\d+)?)", level)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p.lower()) for i, p in enumerate(pieces))
+
+
+def by_difficulty(records: Iterable[EvalRecord], strategies: Sequence[str]) -> dict[str, Summary]:
+    """One :func:`summarize` per difficulty level (accuracy, and the paired test against
+    the first strategy within the level), in natural order of the levels; empty when no
+    record has a ``difficulty``."""
+    levels: dict[str, list[EvalRecord]] = {}
+    for r in records:
+        if r.difficulty is not None and r.strategy in strategies:
+            levels.setdefault(r.difficulty, []).append(r)
+    return {level: summarize(levels[level], strategies) for level in sorted(levels, key=_level_key)}
