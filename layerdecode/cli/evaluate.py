@@ -22,11 +22,13 @@ from .options import (
     strategy_list,
     summary_output_options,
 )
-from .run import load_for
+from .run import load_for, open_trace, trace_option
 
 if TYPE_CHECKING:
     from layerdecode.distributed import ProcessGroup
+    from layerdecode.eval.records import RunConfig
     from layerdecode.eval.runner import EvalPlan
+    from layerdecode.eval.stats import Summary
 
 
 @click.command("eval", context_settings=CONTEXT_SETTINGS, short_help="Score strategies on a task.")
@@ -90,6 +92,7 @@ if TYPE_CHECKING:
     "items; 'tensor' splits the model across the ranks, which decode in lockstep. Rank 0 "
     "writes the results either way (see docs/distributed.md). [default: data]",
 )
+@trace_option("of every (item, strategy) pair run now (--resume adds to the trace)")
 @summary_output_options
 def eval_command(**kwargs: Any) -> None:
     """Measure strategies on reasoning data: accuracy, paired comparison, layers, loops.
@@ -99,7 +102,10 @@ def eval_command(**kwargs: Any) -> None:
     the run stopped. The summary gives per strategy the accuracy with a 95% Wilson interval,
     the items won and lost against the first strategy with an exact McNemar p-value, tokens/s,
     the share of tokens from a non-final layer and how many generations hit --max-tokens
-    (usually a repetition loop).
+    (usually a repetition loop). Per-token figures follow: the share of tokens that differ
+    from the final layer's, the extra vocabulary-head rows per token and the histogram of
+    chosen depths below the final layer; and the accuracy per level when the data has a
+    'level' or 'difficulty' field.
     """
     import datetime
 
@@ -109,6 +115,10 @@ def eval_command(**kwargs: Any) -> None:
 
     if kwargs["resume"] and not kwargs["out"]:
         raise usage("--resume needs --out: the results file to continue.")
+    if kwargs["trace"]:
+        from layerdecode.trace import TraceWriter
+
+        TraceWriter.check(kwargs["trace"], resume=kwargs["resume"])
     check_system(None, kwargs["raw"], kwargs["chat_template_kwargs"])
     task_options = parse_params(kwargs["task_options"])
     if kwargs["shots"] is not None:
@@ -145,11 +155,15 @@ def _run(kwargs: dict[str, Any], plan: EvalPlan, out: str, group: ProcessGroup) 
     )
 
     from layerdecode.eval.runner import run_eval
+    from layerdecode.eval.stats import by_difficulty
     from layerdecode.plots import plot_summary
     from layerdecode.render import render_summary
 
     model, tokenizer = load_for(kwargs, group)
     err = stderr_console()
+    trace = None
+    if kwargs["trace"] and group.is_main:
+        trace = open_trace(kwargs["trace"], tokenizer, resume=kwargs["resume"])
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -164,27 +178,72 @@ def _run(kwargs: dict[str, Any], plan: EvalPlan, out: str, group: ProcessGroup) 
         def advance(done: int, total: int, strategy: str) -> None:
             progress.update(bar, completed=done, total=total, description=strategy or "eval")
 
-        summary, store = run_eval(
-            model,
-            tokenizer,
-            plan,
-            out,
-            resume=kwargs["resume"],
-            batch_size=kwargs["batch_size"],
-            progress=advance,
-            group=group,
-        )
+        try:
+            summary, store = run_eval(
+                model,
+                tokenizer,
+                plan,
+                out,
+                resume=kwargs["resume"],
+                batch_size=kwargs["batch_size"],
+                progress=advance,
+                group=group,
+                trace=trace,
+            )
+        finally:
+            if trace is not None:
+                trace.close()
     if summary is None or store is None:  # a rank other than 0: rank 0 reports
         return
     if store.dropped_bytes:
         err.print(f"recovered {out}: dropped an incomplete last record ({store.dropped_bytes} B)")
     if kwargs["plot"]:
         plot_summary(summary, kwargs["plot"], title=f"{kwargs['task']}: {plan.config.model}")
+    names = plan.config.strategy_names
+    levels = by_difficulty(store.records, names)
     if kwargs["as_json"]:
-        echo_json({"results": str(out), **summary.to_dict()}, indent=2)
+        data = {"results": str(out), **summary.to_dict()}
+        echo_json({**data, **token_json(plan.config, levels)}, indent=2)
         return
-    stdout_console(wide=True).print(render_summary(summary, title=f"{kwargs['task']} ({out})"))
-    err.print(f"results: {out}" + (f"  plot: {kwargs['plot']}" if kwargs["plot"] else ""))
+    console = stdout_console(wide=True)
+    console.print(render_summary(summary, title=f"{kwargs['task']} ({out})"))
+    print_token_figures(console, summary, plan.config, levels)
+    err.print(
+        f"results: {out}"
+        + (f"  plot: {kwargs['plot']}" if kwargs["plot"] else "")
+        + (f"  trace: {kwargs['trace']}" if trace is not None else "")
+    )
+
+
+def strategy_kinds(config: RunConfig) -> dict[str, str]:
+    """Each strategy's name in the results -> its registered strategy (``confident``...)."""
+    return {s.name: str(s.params.get("strategy", s.name)) for s in config.strategies}
+
+
+def token_json(config: RunConfig, levels: dict[str, Summary]) -> dict[str, Any]:
+    """The published figures beside the run's strategies, and the accuracy per level."""
+    from layerdecode.layerstats import PUBLISHED
+
+    kinds = strategy_kinds(config)
+    published = {k: asdict(PUBLISHED[k]) for k in dict.fromkeys(kinds.values()) if k in PUBLISHED}
+    return {
+        "published": published,
+        "difficulty": {level: summary.to_dict() for level, summary in levels.items()},
+    }
+
+
+def print_token_figures(
+    console: Any, summary: Summary, config: RunConfig, levels: dict[str, Summary]
+) -> None:
+    """The per-token table, the depth histogram and, when the data has levels, accuracy
+    per level."""
+    from layerdecode.render_stats import depth_table, difficulty_table, token_table
+
+    rows = [(s.name, s.token_stats()) for s in summary.strategies]
+    console.print(token_table(rows, strategy_kinds(config)))
+    console.print(depth_table(rows))
+    if levels:
+        console.print(difficulty_table(levels))
 
 
 @click.command(
@@ -215,12 +274,21 @@ def report_command(**kwargs: Any) -> None:
     """Summarise a results file written by 'layerdecode eval', without loading the model.
 
     Works on a finished run and on one still going or stopped (a torn last record is
-    skipped). Besides the eval summary it lists the items where the strategies disagree,
-    and the time each strategy spent generating; for a thinking model, the layers of the
-    reasoning's tokens and of the answer's apart.
+    skipped). Besides the eval summary it shows the per-token figures (non-final and
+    changed shares, extra vocabulary-head rows per token, the depth histogram) beside the
+    published ones for strategies that have them, the accuracy per level when the data has
+    a 'level' or 'difficulty' field, the items where the strategies disagree, and the time
+    each strategy spent generating; for a thinking model, the layers of the reasoning's
+    tokens and of the answer's apart.
     """
     from layerdecode.eval.records import read_results
-    from layerdecode.eval.stats import complete_items, disagreements, part_summaries, summarize
+    from layerdecode.eval.stats import (
+        by_difficulty,
+        complete_items,
+        disagreements,
+        part_summaries,
+        summarize,
+    )
     from layerdecode.plots import plot_summary
     from layerdecode.render import (
         format_duration,
@@ -246,6 +314,7 @@ def report_command(**kwargs: Any) -> None:
     summary = summarize(records, names)
     parts = part_summaries(records, names)
     disagreeing = disagreements(records, names)
+    levels = by_difficulty(records, names)
     scope = "every record" if kwargs["all_items"] else "items every strategy answered"
     title = f"{config.task} · {config.model} · {summary.n_items} {scope}"
     if kwargs["plot"]:
@@ -258,11 +327,13 @@ def report_command(**kwargs: Any) -> None:
             **summary.to_dict(),
             "parts": [asdict(p) for p in parts],
             "disagreements": [asdict(d) for d in disagreeing],
+            **token_json(config, levels),
         }
         echo_json(data, indent=2)
         return
     console = stdout_console(wide=True)
     console.print(render_summary(summary, title=title))
+    print_token_figures(console, summary, config, levels)
     if parts:
         console.print(render_parts(parts))
     console.print(f"time generating: {format_duration(summary.busy_seconds)}")

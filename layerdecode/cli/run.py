@@ -41,6 +41,26 @@ if TYPE_CHECKING:
     from layerdecode.distributed import ProcessGroup
     from layerdecode.generation import GenerationResult
     from layerdecode.options import GenerationOptions
+    from layerdecode.trace import TraceWriter
+
+
+def trace_option(what: str) -> Callable[[Callable], Callable]:
+    """``--trace DIR``: one Parquet row per generated token (needs pyarrow)."""
+    return click.option(
+        "--trace",
+        type=click.Path(file_okay=False),
+        metavar="DIR",
+        help=f"Write one Parquet row per generated token {what} (chosen layer, changed, head "
+        "rows, entropy of every layer read) into this directory, flushed as the run goes "
+        "(see docs/traces.md; needs pip install 'layerdecode[trace]').",
+    )
+
+
+def open_trace(path: str, tokenizer: Any, *, resume: bool = False) -> TraceWriter:
+    """A trace writer whose rows carry each token's text."""
+    from layerdecode.trace import TraceWriter
+
+    return TraceWriter(path, decode=lambda token: tokenizer.decode([token]), resume=resume)
 
 
 @click.command(
@@ -60,16 +80,20 @@ if TYPE_CHECKING:
 )
 @json_option(
     "Print one JSON object (text, reasoning, prompt_tokens, tokens, layers, parts, "
-    "entropies, strategy, speeds, ...) instead of streaming text."
+    "entropies, changed, head_rows, strategy, speeds, ...) instead of streaming text."
 )
+@trace_option("of the generation")
 def generate_command(**kwargs: Any) -> None:
     """Generate text, each token decoded from the layer the strategy picks.
 
     The text streams to stdout as it is generated (a thinking model's reasoning dimmed,
     before its answer); a summary line follows on stderr: tokens, tokens/s, the share of
-    tokens decoded from a layer below the final one and their mean depth below it.
-    Layers are 0-based (final = number of layers - 1). Generation options left unset take
-    the preset's defaults.
+    tokens decoded from a layer below the final one and their mean depth below it, the
+    share of tokens that differ from the final layer's and the vocabulary-head rows spent
+    per token beyond the final layer's. --show-layers adds the histogram of depths below
+    the final layer (and a paper's published figures for its strategy). Layers are 0-based
+    (final = number of layers - 1). Generation options left unset take the preset's
+    defaults.
     """
     from layerdecode.distributed import init
     from layerdecode.loading import DEFAULT_MODEL
@@ -78,10 +102,17 @@ def generate_command(**kwargs: Any) -> None:
     resolved = resolve(kwargs["strategy"], kwargs["params"])
     options = chosen_options(kwargs)
     text = read_prompt(kwargs["prompt"])
+    if kwargs["trace"]:
+        from layerdecode.trace import TraceWriter
+
+        TraceWriter.check(kwargs["trace"])
     group = init("tensor")
     with group.running():
         model, tokenizer = load_for(kwargs, group)
         prompt = prompt_of(tokenizer, text, kwargs)
+        trace = None
+        if kwargs["trace"] and group.is_main:
+            trace = open_trace(kwargs["trace"], tokenizer)
         with group.watch("generating"):
             run_generate(
                 model,
@@ -93,6 +124,7 @@ def generate_command(**kwargs: Any) -> None:
                 show_layers=kwargs["show_layers"],
                 model_name=kwargs["model"] or DEFAULT_MODEL,
                 on_token=group.beat,
+                trace=trace,
             )
 
 
@@ -129,22 +161,29 @@ def run_generate(
     show_layers: bool,
     model_name: str,
     on_token: Callable[[], None] | None = None,
+    trace: TraceWriter | None = None,
 ) -> None:
     """Stream one generation to stdout; Ctrl-C keeps what was generated and exits 130.
 
-    ``on_token`` is called after every token (the distributed watchdog's heartbeat)."""
+    ``on_token`` is called after every token (the distributed watchdog's heartbeat);
+    ``trace`` gets a row per token of the output and is closed at the end."""
     from layerdecode.generation import ResultCollector, stream_generate
     from layerdecode.render import part_legends, streamed_text, summary_line
+    from layerdecode.render_stats import token_lines
 
     out = stdout_console(soft_wrap=True)
     collector = ResultCollector(prompt, resolved)
     interrupted = False
     reasoned = answered = False
+    position = 0
     try:
         for response in stream_generate(
             model, tokenizer, prompt, strategy=resolved, options=options
         ):
             collector.add(response)
+            if trace is not None and response.in_output:
+                trace.add_event("0", resolved.label, position, response)
+                position += 1
             if on_token is not None:
                 on_token()
             if as_json or not (response.text or response.reasoning):
@@ -156,6 +195,9 @@ def run_generate(
             answered = answered or bool(response.text)
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        if trace is not None:
+            trace.close()
     if collector.last is None:
         if interrupted:
             raise click.Abort()
@@ -169,6 +211,8 @@ def run_generate(
         if show_layers:
             for legend in part_legends(result):
                 err.print(legend)
+            for line in token_lines(result.token_stats(), resolved.strategy.name):
+                err.print(line)
         err.print(summary_line(result, strategy=resolved.label, interrupted=interrupted))
     if interrupted:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..distributed import ProcessGroup
 from ..errors import ConfigError
@@ -20,6 +20,9 @@ from ..prompts import build_prompt
 from .records import EvalRecord, ResultsStore, RunConfig, StrategySpec, file_sha256
 from .stats import Summary, summarize
 from .tasks import Item, Task, get_task
+
+if TYPE_CHECKING:
+    from ..trace import TraceWriter
 
 
 @dataclass
@@ -104,6 +107,22 @@ def plan_eval(
     return EvalPlan(config, task_obj, items, resolved, chosen, chat, chat_template_kwargs)
 
 
+def changed_at(changed: list[bool | None]) -> list[int] | None:
+    """Positions of the changed tokens; None when some could not be told."""
+    if None in changed:
+        return None
+    return [i for i, c in enumerate(changed) if c]
+
+
+def difficulty_of(item: Item) -> str | None:
+    """The item's ``level`` or ``difficulty`` field (MATH: ``"Level 5"``), if it has one."""
+    for key in ("level", "difficulty"):
+        value = item.record.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return None
+
+
 def _prompt_ids(tokenizer, item: Item, plan: EvalPlan) -> list[int]:
     prompt = item.prompt if plan.chat else item.prompt_text
     return build_prompt(
@@ -121,8 +140,13 @@ def run_eval(
     batch_size: int = 8,
     progress: Callable[[int, int, str], None] | None = None,
     group: ProcessGroup | None = None,
+    trace: TraceWriter | None = None,
 ) -> tuple[Summary | None, ResultsStore | None]:
     """Generate and score every pending (item, strategy) pair; return the summary.
+
+    ``trace`` (a :class:`~layerdecode.trace.TraceWriter`) gets one row per generated
+    token of every pair run now, written out (one part per pair) before the pair's record,
+    so every recorded pair has its rows; it is refused with several ranks.
 
     ``progress`` is called with (pairs done, pairs in total, strategy) as pairs finish.
     Under a :class:`~layerdecode.distributed.ProcessGroup` of several ranks, rank 0 alone
@@ -133,9 +157,11 @@ def run_eval(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     group = group or ProcessGroup()
+    if trace is not None and group.shares > 1:
+        raise ConfigError("A trace is written by one process: drop --trace under mlx.launch.")
     store = ResultsStore.open(out, plan.config, resume=resume) if group.is_main else None
     try:
-        _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress)
+        _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress, trace)
         if store is None:
             return None, None
         return summarize(store.records, plan.config.strategy_names), store
@@ -144,7 +170,7 @@ def run_eval(
             store.close()
 
 
-def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress) -> None:
+def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress, trace) -> None:
     names = list(plan.strategies)
     keys = [(item.id, name) for item in plan.items for name in names]
     # Rank 0 holds the results file: it says which pairs are still to run.
@@ -186,7 +212,7 @@ def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress)
                 records.append(record)
 
         with group.watch("decoding") if group.tensor else nullcontext():
-            _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size)
+            _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size, trace)
         if streaming:
             continue
         gathered = group.gather("".join(r.model_dump_json() + "\n" for r in records).encode())
@@ -201,7 +227,7 @@ def _run_pending(model_obj, tokenizer, plan, store, group, batch_size, progress)
             write(record)
 
 
-def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) -> None:
+def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size, trace) -> None:
     """Every pending (item, strategy) pair of ``chunk``, batched per strategy."""
     from ..batch import batch_generate
 
@@ -216,6 +242,9 @@ def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) 
         def record(index: int, result, name=name, todo=todo, started=started):
             item = todo[index]
             score = task.score(result.text, item)
+            if trace is not None:  # durable before the record: a recorded pair has its rows
+                trace.add_result(item.id, name, result)
+                trace.flush()
             keep(
                 EvalRecord(
                     item_id=item.id,
@@ -233,6 +262,9 @@ def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size) 
                     layers=result.layers,
                     parts=result.parts if result.reasoning is not None else [],
                     final_layer=result.num_layers - 1,
+                    changed_at=changed_at(result.changed),
+                    head_rows=sum(result.head_rows),
+                    difficulty=difficulty_of(item),
                     started_at=started,
                     finished_at=datetime.now(timezone.utc),
                 )
@@ -262,6 +294,7 @@ def evaluate(
     batch_size: int = 8,
     progress: Callable[[int, int, str], None] | None = None,
     group: ProcessGroup | None = None,
+    trace: TraceWriter | None = None,
     **plan_options: Any,
 ) -> Summary | None:
     """Run ``strategies`` on a task's data file, like ``layerdecode eval``; return the summary.
@@ -278,7 +311,8 @@ def evaluate(
     strategy; greedy, at most 256 new tokens by default. Everything is checked before the
     model is loaded.
     ``group`` (see :func:`layerdecode.distributed.init`) runs the eval on several ranks;
-    ranks other than 0 return None.
+    ranks other than 0 return None. ``trace`` (a :class:`~layerdecode.trace.TraceWriter`)
+    records every generated token.
     """
     by_name = isinstance(model, (str, Path))
     if by_name:
@@ -304,5 +338,6 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
         group=group,
+        trace=trace,
     )
     return summary
