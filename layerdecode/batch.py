@@ -154,6 +154,7 @@ def batch_generate(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_result: Callable[[int, GenerationResult], None] | None = None,
+    candidates: bool = False,
     **kwargs: Any,
 ) -> tuple[list[GenerationResult], BatchStats]:
     """Generate for many prompts at once; results come back in the prompts' order.
@@ -161,8 +162,9 @@ def batch_generate(
     Takes the options of :func:`layerdecode.stream_generate`, plus ``batch_size`` (prompts
     decoded together; default all; 1 runs them one by one), ``progress`` (called with
     (done, total) prompts) and ``on_result`` (called with (prompt index, result) as soon as
-    a prompt finishes, with the speeds measured so far). The returned results carry the
-    whole run's speeds.
+    a prompt finishes, with the speeds measured so far) and ``candidates`` (each result's
+    ``candidates``: the entropy of every layer the strategy read). The returned results
+    carry the whole run's speeds.
     """
     if not prompts:
         raise ConfigError("No prompts given: pass at least one prompt.")
@@ -194,7 +196,13 @@ def batch_generate(
     mx.reset_peak_memory()
     max_tokens = chosen.max_tokens_or_default()
     engine = Engine(model, tokenizer, **step_kwargs)
-    plan = Plan(resolved, chosen, sampler=sampler, logits_processors=tuple(logits_processors or ()))
+    plan = Plan(
+        resolved,
+        chosen,
+        sampler=sampler,
+        logits_processors=tuple(logits_processors or ()),
+        candidates=candidates,
+    )
     with wired_limit(model, [generation_stream]):
         for start in range(0, len(order), size):
             chunk = order[start : start + size]

@@ -135,6 +135,7 @@ def stream_generate(
     options: GenerationOptions | dict[str, Any] | None = None,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    candidates: bool = False,
     **kwargs: Any,
 ) -> Generator[TokenEvent, None, None]:
     """Stream text decoded with ``strategy``; the last response carries the timings.
@@ -152,6 +153,8 @@ def stream_generate(
             preset's generation defaults, then to greedy decoding.
         sampler, logits_processors: mlx-lm sampler and processors; an explicit sampler
             replaces the one the options make, processors run before the options' ones.
+        candidates: report in each event the entropy of every layer the strategy read
+            (``TokenEvent.candidates``; costs a read from the device per step).
         kwargs: generation options as keywords (``temp=0.7``, ``stop=["\\n\\n"]``) and
             :func:`generate_step`'s ``max_kv_size``, ``prompt_cache``,
             ``prefill_step_size``, ``prompt_progress_callback``.
@@ -166,6 +169,7 @@ def stream_generate(
         chosen,
         sampler=sampler,
         logits_processors=logits_processors,
+        candidates=candidates,
         **step_kwargs,
     )
 
@@ -183,6 +187,7 @@ def stream_resolved(
     *,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    candidates: bool = False,
     **step_kwargs: Any,
 ) -> Generator[TokenEvent, None, None]:
     """:func:`stream_generate` for a resolved strategy, options and encoded prompt.
@@ -190,7 +195,11 @@ def stream_resolved(
     ``step_kwargs`` are :func:`generate_step`'s (``max_kv_size``, ``prompt_cache``...).
     """
     plan = Plan(
-        resolved, options, sampler=sampler, logits_processors=tuple(logits_processors or ())
+        resolved,
+        options,
+        sampler=sampler,
+        logits_processors=tuple(logits_processors or ()),
+        candidates=candidates,
     )
     return _one_row(model, tokenizer, prompt, plan, step_kwargs)
 
@@ -325,9 +334,9 @@ class ResultCollector:
         self.entropies.append(response.entropy)
         for key, value in response.extras.items():
             self.extras.setdefault(key, []).append(value)
-        self.changed.append(getattr(response, "changed", False))
-        self.head_rows.append(getattr(response, "head_rows", 1))
-        self.candidates.append(getattr(response, "candidates", {}))
+        self.changed.append(response.changed)
+        self.head_rows.append(response.head_rows)
+        self.candidates.append(response.candidates)
 
     def result(self, finish_reason: str | None = None) -> GenerationResult:
         """The result so far; ``finish_reason`` overrides the last response's."""

@@ -217,10 +217,10 @@ class TraceWriter:
             token=event.token,
             layer=event.layer,
             final_layer=event.num_layers - 1,
-            changed=getattr(event, "changed", False),
-            head_rows=getattr(event, "head_rows", 1),
+            changed=event.changed,
+            head_rows=event.head_rows,
             entropy=event.entropy,
-            candidates=getattr(event, "candidates", None),
+            candidates=event.candidates,
             part=event.part,
         )
 

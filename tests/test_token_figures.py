@@ -29,12 +29,11 @@ def tiny_model(tmp_path_factory) -> str:
 
 def event(token, layer, *, changed=False, head_rows=1, candidates=None, **fields):
     """A TokenEvent of a 4-layer model (final layer 3), with the per-token figures set."""
-    made = TokenEvent(
+    return TokenEvent(
         row=0, token=token, layer=layer, entropy=0.5, extras={}, logprobs=mx.zeros((4,)),
-        num_layers=4, **fields,
+        num_layers=4, changed=changed, head_rows=head_rows, candidates=candidates or {},
+        **fields,
     )  # fmt: skip
-    made.changed, made.head_rows, made.candidates = changed, head_rows, candidates or {}
-    return made
 
 
 def collected(events):
@@ -84,6 +83,17 @@ def test_result_collects_changed_and_head_rows():
     assert data["changed_share"] == pytest.approx(1 / 3) and data["extra_head_rows"] == 2.0
     assert data["depth_histogram"] == {"0": 2, "1": 1} and "candidates" not in data
     json.dumps(data)
+
+
+def test_a_change_that_cannot_be_told_leaves_the_share_unknown():
+    from layerdecode.eval.runner import changed_at
+    from layerdecode.render import summary_line
+
+    result = collected([event(5, 3), event(6, 2, changed=None)])
+    assert result.changed == [False, None] and result.changed_share is None
+    assert result.to_dict()["changed_share"] is None
+    assert "changed -" in summary_line(result, strategy="confident").plain
+    assert changed_at(result.changed) is None and changed_at([False, True, True]) == [1, 2]
 
 
 def test_summary_line_and_show_layers_lines():

@@ -175,6 +175,9 @@ def test_generate_trace_matches_the_json(tiny_model, tmp_path):
     assert [r["head_rows"] for r in rows] == data["head_rows"]
     assert {r["strategy"] for r in rows} == {"confident"} and rows[0]["item_id"] == "0"
     assert all(isinstance(r["token_text"], str) for r in rows)
+    for r in rows:  # the chosen layer is among those read, with the same entropy
+        read = {c["layer"]: c["entropy"] for c in r["candidates"]}
+        assert r["layer"] in read and read[r["layer"]] == pytest.approx(r["entropy"], rel=1e-5)
     assert json.loads((path / "_trace.json").read_text())["complete"] is True
     again = run("generate", "-m", tiny_model, "--prompt", "hello", "--trace", str(path))
     assert again.exit_code != 0 and "exists and is not empty" in again.output
@@ -198,6 +201,11 @@ def test_eval_trace_has_every_pair_and_resume_adds_to_it(tiny_model, tmp_path):
         assert [x["position"] for x in mine] == list(range(len(r.layers)))
         assert [i for i, x in enumerate(mine) if x["changed"]] == r.changed_at
         assert sum(x["head_rows"] for x in mine) == r.head_rows
+        if r.strategy == "final":
+            assert r.changed_at == [] and r.head_rows == r.n_tokens
+        else:
+            assert r.head_rows > r.n_tokens  # confident reads layers below the final one
+            assert all(len(x["candidates"]) > 1 for x in mine)
     # A run killed before item 2's pairs were recorded: neither their records nor their
     # parts (each pair is flushed before its record) are there.
     lines = out.read_text().splitlines(keepends=True)

@@ -178,7 +178,12 @@ def run_generate(
     position = 0
     try:
         for response in stream_generate(
-            model, tokenizer, prompt, strategy=resolved, options=options
+            model,
+            tokenizer,
+            prompt,
+            strategy=resolved,
+            options=options,
+            candidates=trace is not None,
         ):
             collector.add(response)
             if trace is not None and response.in_output:

@@ -278,6 +278,7 @@ def _decode_chunk(model_obj, tokenizer, plan, chunk, pending, keep, batch_size, 
             batch_size=batch_size,
             on_result=record,
             options=plan.options,
+            candidates=trace is not None,
         )
 
 
