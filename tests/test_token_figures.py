@@ -258,3 +258,30 @@ def test_compare_json_carries_the_figures(tiny_model):
     final = data["prompts"][0]["results"][0]
     assert final["changed"] == [False] * len(final["tokens"])
     assert final["head_rows"] == [1] * len(final["tokens"])
+
+
+def test_lm_eval_model_keeps_the_figures_per_request(tiny_model_dir):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from layerdecode.harness import LayerdecodeLM
+
+    lm = LayerdecodeLM(model=str(tiny_model_dir), strategy="confident", batch_size=2)
+    contexts = ["w7 w8 w9", "w30 w31 w32 w33"]
+    requests = [
+        Instance("generate_until", {}, (c, {"until": ["zzz"], "max_gen_toks": 6}), i)
+        for i, c in enumerate(contexts)
+    ]
+    lm.generate_until(requests)
+    tally = TokenTally()
+    for count, details in zip(lm.generation_counts, lm.generation_details, strict=True):
+        n = len(details["layers"])
+        assert n <= count and len(details["changed"]) == n and len(details["head_rows"]) == n
+        final = details["final_layer"]
+        tally.add([final - x for x in details["layers"]], sum(details["changed"]),
+                  sum(details["head_rows"]))  # fmt: skip
+    expected = tally.stats()
+    stats = lm.generation_stats
+    assert stats["non_final_share"] == expected.non_final_share
+    assert stats["changed_share"] == expected.changed_share
+    assert stats["extra_head_rows_per_token"] == expected.extra_head_rows > 0

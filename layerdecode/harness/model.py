@@ -37,6 +37,24 @@ _GEN_KWARGS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p
 _SKIPPED_GEN_KWARGS = {"until", "max_gen_toks", "do_sample"}
 
 
+def _figures(details: Sequence[dict[str, Any]]) -> Any:
+    """The per-token figures of every request's output, added up."""
+    from layerdecode.layerstats import TokenTally, token_stats
+
+    tally = TokenTally()
+    for d in details:
+        if not d:
+            continue
+        one = token_stats(d["layers"], d["final_layer"], d["changed"], d["head_rows"])
+        depths = [d["final_layer"] - layer for layer in d["layers"]]
+        tally.add(depths, one.changed, sum(d["head_rows"]))
+    return tally.stats()
+
+
+def _shown(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
 def _cut_at_first(text: str, stops: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any of ``stops``."""
     ends = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -75,7 +93,8 @@ class LayerdecodeLM(LM):
             masked_logprob=self.args.masked_logprob,
         )
         self.generation_counts: list[int] = []
-        self.generation_stats: dict[str, float] = {}
+        self.generation_details: list[dict[str, Any]] = []
+        self.generation_stats: dict[str, float | None] = {}
 
     @classmethod
     def create_from_arg_string(
@@ -237,13 +256,19 @@ class LayerdecodeLM(LM):
     # -- generation -------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Any]) -> list[str]:
-        """Generate for each request until one of its ``until`` strings, inside the loop."""
+        """Generate for each request until one of its ``until`` strings, inside the loop.
+
+        Afterwards, per request: ``generation_counts`` (tokens generated, the end of
+        sequence included) and ``generation_details`` (per token of the output: ``layers``,
+        ``changed``, ``head_rows``; and ``final_layer``); ``generation_stats`` adds them
+        up (tokens, time, non-final and changed shares, extra head rows per token)."""
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             key = json.dumps(request.args[1], sort_keys=True, default=str)
             groups.setdefault(key, []).append(index)
         texts: list[str] = [""] * len(requests)
         self.generation_counts = [0] * len(requests)
+        self.generation_details = [{} for _ in requests]
         tic = time.perf_counter()
         size = self.args.batch_size
         chunks = []
@@ -252,28 +277,37 @@ class LayerdecodeLM(LM):
             for start in range(0, len(indices), size):
                 chunks.append((indices[start : start + size], options, until))
 
-        def compute(chunk: tuple[list[int], Any, list[str]]) -> list[tuple[str, int]]:
+        def compute(chunk: tuple[list[int], Any, list[str]]) -> list[tuple[str, int, dict]]:
             indices, options, until = chunk
             prompts = [self._encode(requests[i].args[0]) for i in indices]
             return self._generate(prompts, options, until)
 
         done = shared(self.group, requests, chunks, compute, "generate_until")
         for (indices, _, _), generated in zip(chunks, done, strict=True):
-            for i, (text, count) in zip(indices, generated, strict=True):
+            for i, (text, count, details) in zip(indices, generated, strict=True):
                 texts[i] = text
                 self.generation_counts[i] = count
+                self.generation_details[i] = details
         tokens_total = sum(self.generation_counts)
         seconds = time.perf_counter() - tic
+        figures = _figures(self.generation_details)
         self.generation_stats = {
             "tokens": tokens_total,
             "seconds": seconds,
             "tokens_per_second": tokens_total / max(seconds, 1e-9),
+            "non_final_share": figures.non_final_share,
+            "changed_share": figures.changed_share,
+            "extra_head_rows_per_token": figures.extra_head_rows,
         }
         logger.info(
-            "layerdecode: generated %d tokens in %.1f s (%.1f tokens/s)",
+            "layerdecode: generated %d tokens in %.1f s (%.1f tokens/s); non-final %s, "
+            "changed %s, extra head rows per token %s",
             tokens_total,
             seconds,
             self.generation_stats["tokens_per_second"],
+            _shown(figures.non_final_share, "{:.1%}"),
+            _shown(figures.changed_share, "{:.2%}"),
+            _shown(figures.extra_head_rows, "{:.3f}"),
         )
         return texts
 
@@ -298,8 +332,9 @@ class LayerdecodeLM(LM):
 
     def _generate(
         self, prompts: list[list[int]], options: Any, until: list[str]
-    ) -> list[tuple[str, int]]:
-        """(answer text, generated tokens) per prompt; each row ends at its first stop string.
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        """(answer text, generated tokens, per-token details) per prompt; each row ends at
+        its first stop string.
 
         The text is cut at the first stop string, as mlx_lm.evaluate cuts it; a thinking
         model's reasoning is then left out.
@@ -312,13 +347,22 @@ class LayerdecodeLM(LM):
         for i, prompt in enumerate(prompts):
             engine.add(prompt, plan, key=i)
         tokens: list[list[int | None]] = [[] for _ in prompts]
+        details: list[dict[str, Any]] = [
+            {"final_layer": engine.num_layers - 1, "layers": [], "changed": [], "head_rows": []}
+            for _ in prompts
+        ]
         for events in engine.run():
             for event in events:
                 tokens[event.row].append(event.token if event.in_output else None)
+                if event.in_output:
+                    row = details[event.row]
+                    row["layers"].append(event.layer)
+                    row["changed"].append(event.changed)
+                    row["head_rows"].append(event.head_rows)
         out = []
-        for prompt, row_tokens in zip(prompts, tokens, strict=True):
+        for prompt, row_tokens, row in zip(prompts, tokens, details, strict=True):
             kept = [t for t in row_tokens if t is not None]
             text = _cut_at_first(self.tokenizer.decode(kept), until)
             answer, _ = split_reasoning(self.tokenizer, text, prompt)
-            out.append((answer, len(row_tokens)))
+            out.append((answer, len(row_tokens), row))
         return out
