@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -33,127 +32,13 @@ from .adapters import get_adapter
 from .errors import ConfigError
 from .events import LogitsProcessor, Plan, Sampler, TokenEvent, top_logprobs
 from .fastmath import log_softmax
-from .strategy import Decision, ModelFacts, Strategy, model_facts
-from .taps import Capture, install_taps
+from .rows import Group, Row, RowsCapture, Step, in_row_order, others, scatter
+from .strategy import Decision, model_facts
+from .taps import install_taps
 from .text import OutputStream
 from .view import LayerView
 
-# -- rows and strategy groups ----------------------------------------------------------------
-
-
-class _Group:
-    """The rows that share one strategy object."""
-
-    def __init__(self, strategy: Strategy, facts: ModelFacts) -> None:
-        strategy.prepare(facts)
-        self.strategy = strategy
-        self.exits = tuple(strategy.exits())
-
-
-@dataclass(eq=False)
-class _Row:
-    key: Hashable
-    prompt: list[int]
-    plan: Plan
-    group: _Group
-    state: Any
-    sampler: Sampler | None  # None: greedy
-    keyed: Callable[[mx.array, mx.array], mx.array] | None  # a seeded row's sampler
-    random_key: mx.array | None
-    processors: list[LogitsProcessor]
-    history: TokenBuffer | None
-    output: OutputStream | None
-    max_tokens: int
-    stop_tokens: frozenset[int]
-    prompt_cache: list[Any] | None = None
-    progress: Callable[[int, int], None] | None = None
-    cache: list[Any] | None = None  # its own caches while it is prefilled
-    filled: int = 0  # prompt tokens in its caches
-    prefill_seconds: float = 0.0
-    count: int = 0
-    done: bool = False
-    prompt_tps: float = 0.0
-    tic: float = 0.0
-
-    def budget_ends_next(self) -> bool:
-        return 0 < self.max_tokens <= self.count + 1
-
-
-class _RowsCapture:
-    """The captured hidden states of some rows of a step (sliced when read)."""
-
-    def __init__(self, capture: Capture, index: mx.array) -> None:
-        self._capture, self._index = capture, index
-
-    @property
-    def embeddings(self) -> mx.array | None:
-        h = self._capture.embeddings
-        return None if h is None else h[self._index]
-
-    @property
-    def outputs(self) -> _RowsOutputs:
-        return _RowsOutputs(self._capture.outputs, self._index)
-
-
-class _RowsOutputs:
-    def __init__(self, outputs: list[Any], index: mx.array) -> None:
-        self._outputs, self._index = outputs, index
-
-    def __getitem__(self, layer: int) -> mx.array | None:
-        h = self._outputs[layer]
-        return None if h is None else h[self._index]
-
-    def __len__(self) -> int:
-        return len(self._outputs)
-
-
-@dataclass
-class _Step:
-    """One step for every row, still lazy."""
-
-    tokens: mx.array  # (rows,)
-    logprobs: mx.array  # (rows, vocab)
-    layers: mx.array  # (rows,)
-    entropy: mx.array  # (rows,)
-    extras: list[tuple[list[int], dict[str, mx.array]]]  # (row positions, arrays) per group
-    changed: mx.array | None  # (rows,) 1, 0, or -1 (unknown); None: no row can change
-    head_rows: mx.array  # (rows,)
-    # (row positions, layers, (rows, layers) entropies) per group that reports candidates;
-    # read only for the rows that ask for them.
-    candidates: list[tuple[list[int], tuple[int, ...], mx.array]]
-
-    def arrays(self) -> list[mx.array]:
-        out = [self.tokens, self.logprobs, self.layers, self.entropy, self.head_rows]
-        if self.changed is not None:
-            out.append(self.changed)
-        for _, extras in self.extras:
-            out.extend(extras.values())
-        return out
-
-    def take(self, keep: list[int]) -> _Step:
-        index = mx.array(keep)
-        where = {old: new for new, old in enumerate(keep)}
-
-        def kept_rows(positions: list[int]) -> tuple[list[int], mx.array] | None:
-            kept = [(i, where[p]) for i, p in enumerate(positions) if p in where]
-            if not kept:
-                return None
-            return [p for _, p in kept], mx.array([i for i, _ in kept])
-
-        extras = []
-        for positions, arrays in self.extras:
-            if (found := kept_rows(positions)) is not None:
-                extras.append((found[0], {k: v[found[1]] for k, v in arrays.items()}))
-        candidates = []
-        for positions, layers, values in self.candidates:
-            if (found := kept_rows(positions)) is not None:
-                candidates.append((found[0], layers, values[found[1]]))
-        return _Step(
-            self.tokens[index], self.logprobs[index], self.layers[index], self.entropy[index],
-            extras, None if self.changed is None else self.changed[index],
-            self.head_rows[index], candidates,
-        )  # fmt: skip
-
+__all__ = ["Engine", "LogitsProcessor", "Plan", "Sampler", "TokenEvent", "remove_taps"]
 
 # -- the engine ------------------------------------------------------------------------------
 
@@ -187,13 +72,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.prefill_step_size = prefill_step_size
         self.max_kv_size = max_kv_size
-        self.groups: dict[str, _Group] = {}
-        self.waiting: list[_Row] = []
-        self.prefilling: _Row | None = None  # a long prompt, prefilled a chunk per step
-        self.rows: list[_Row] = []  # the rows of ``upcoming``, in cache order
+        self.groups: dict[str, Group] = {}
+        self.waiting: list[Row] = []
+        self.prefilling: Row | None = None  # a long prompt, prefilled a chunk per step
+        self.rows: list[Row] = []  # the rows of ``upcoming``, in cache order
         self.cache: list[Any] | None = None
         self.batched = False  # the caches are mlx-lm's batch caches
-        self.upcoming: _Step | None = None
+        self.upcoming: Step | None = None
         self.steps = 0
 
     @property
@@ -251,7 +136,7 @@ class Engine:
                 prompt=prompt,
                 eos=stop,
             )
-        row = _Row(
+        row = Row(
             key=next(_keys) if key is None else key,
             prompt=prompt,
             plan=plan,
@@ -271,7 +156,7 @@ class Engine:
         self.waiting.append(row)
         return row.key
 
-    def _group(self, plan: Plan) -> _Group:
+    def _group(self, plan: Plan) -> Group:
         key = plan.strategy_key()
         group = self.groups.get(key)
         if group is None:
@@ -280,7 +165,7 @@ class Engine:
             rows = [*self.rows, *self.waiting, *([self.prefilling] if self.prefilling else [])]
             live = {id(r.group) for r in rows if not r.done}
             self.groups = {k: g for k, g in self.groups.items() if id(g) in live}
-            group = self.groups[key] = _Group(plan.strategy.strategy, self.facts)
+            group = self.groups[key] = Group(plan.strategy.strategy, self.facts)
         return group
 
     def cancel(self, key: Hashable) -> None:
@@ -333,7 +218,7 @@ class Engine:
             mx.clear_cache()
         return events
 
-    def _settle(self) -> tuple[_Step | None, list[_Row]]:
+    def _settle(self) -> tuple[Step | None, list[Row]]:
         current, self.upcoming = self.upcoming, None
         if current is None:
             self.rows, self.cache, self.batched = [], None, False
@@ -349,7 +234,7 @@ class Engine:
             current = current.take(keep)
         return current, list(self.rows)
 
-    def _build(self, tokens: mx.array | None) -> _Step | None:
+    def _build(self, tokens: mx.array | None) -> Step | None:
         """The next step of the running rows and of those whose prefill ends now."""
         if self.waiting or self.prefilling is not None:
             joined = self._admit()
@@ -364,7 +249,7 @@ class Engine:
 
     # -- prefill -------------------------------------------------------------------------
 
-    def _admit(self) -> list[_Row]:
+    def _admit(self) -> list[Row]:
         """This step's share of prefill; the rows whose prompts are now in a cache.
 
         While rows generate, at most ``prefill_step_size`` prompt tokens are processed per
@@ -375,14 +260,14 @@ class Engine:
         """
         step = self.prefill_step_size
         budget = step if self.rows or self.prefilling is not None else None  # None: no limit
-        ready: list[_Row] = []
+        ready: list[Row] = []
         if self.prefilling is not None:
             row = self.prefilling
             budget -= self._chunk(row, step)
             if row.filled == len(row.prompt) - 1:
                 ready.append(row)
                 self.prefilling = None
-        batch: list[_Row] = []
+        batch: list[Row] = []
         while self.waiting:
             row = self.waiting[0]
             need = len(row.prompt) - 1
@@ -416,13 +301,13 @@ class Engine:
         self._join(joined, caches)
         return joined
 
-    def _start(self, row: _Row) -> None:
+    def _start(self, row: Row) -> None:
         row.cache = row.prompt_cache or make_prompt_cache(self.model, self.max_kv_size)
         row.filled = 0
         if row.progress is not None:
             row.progress(0, len(row.prompt))
 
-    def _chunk(self, row: _Row, limit: int) -> int:
+    def _chunk(self, row: Row, limit: int) -> int:
         """Prefill up to ``limit`` more of the row's prompt (never its last token)."""
         n = min(limit, len(row.prompt) - 1 - row.filled)
         if n <= 0:
@@ -439,7 +324,7 @@ class Engine:
         mx.clear_cache()
         return n
 
-    def _prefill_together(self, rows: list[_Row]) -> list[Any]:
+    def _prefill_together(self, rows: list[Row]) -> list[Any]:
         """Prefill several prompts in one batch; their caches, as mlx-lm's batch caches."""
         model = self.model
         with mx.stream(generation_stream):
@@ -453,7 +338,7 @@ class Engine:
                 prefill.prompt([r.prompt[:-1] for r in rows])
         return prefill.prompt_cache
 
-    def _join(self, joined: list[_Row], caches: list[tuple[list[Any], bool]]) -> None:
+    def _join(self, joined: list[Row], caches: list[tuple[list[Any], bool]]) -> None:
         """The prefilled rows join the running ones.
 
         ``caches``: the joiners' caches in their order, each a row's plain caches or, marked
@@ -486,14 +371,14 @@ class Engine:
 
     # -- deciding ------------------------------------------------------------------------
 
-    def _decide(self, tokens: mx.array) -> _Step:
+    def _decide(self, tokens: mx.array) -> Step:
         """Forward pass for every row, each group's ``select``, processors, sampling."""
         rows = self.rows
         with mx.stream(generation_stream):
             with self.taps.capture() as capture:
                 logits = self.model(tokens[:, None], cache=self.cache)
             final = logits[:, -1, :]
-            groups: dict[int, tuple[_Group, list[int]]] = {}
+            groups: dict[int, tuple[Group, list[int]]] = {}
             for position, row in enumerate(rows):
                 groups.setdefault(id(row.group), (row.group, []))[1].append(position)
             decided: list[tuple[list[int], Decision, mx.array]] = []
@@ -504,7 +389,7 @@ class Engine:
                 else:
                     index = mx.array(positions)
                     view = LayerView(
-                        self.adapter, _RowsCapture(capture, index), final[index], group.exits
+                        self.adapter, RowsCapture(capture, index), final[index], group.exits
                     )
                 view.states = [rows[p].state for p in positions]
                 decision = group.strategy.select(view)
@@ -516,14 +401,14 @@ class Engine:
                     reference = view.logits(view.final_layer)
                 if reference is not decision.logits:
                     references.append((positions, reference))
-            logits, layers, entropy, head_rows = _in_row_order(decided, len(rows))
+            logits, layers, entropy, head_rows = in_row_order(decided, len(rows))
             compared = [p for positions, _ in references for p in positions]
             reference = None
             if compared:
                 # Rows compared with themselves (their strategy decodes the final layer) get
                 # the same token twice: one sampling call for all rows keeps the draws equal.
-                reference = _scatter(
-                    [*references, *[([p], logits[p : p + 1]) for p in _others(compared, rows)]],
+                reference = scatter(
+                    [*references, *[([p], logits[p : p + 1]) for p in others(compared, rows)]],
                     len(rows),
                 )
             logits, reference = self._process(logits, reference, tokens, rows)
@@ -535,12 +420,12 @@ class Engine:
             for positions, d, _ in decided
             if d.candidate_entropy is not None
         ]
-        return _Step(
+        return Step(
             sampled, logprobs, layers, entropy, extras, changed, head_rows, candidates
         )  # fmt: skip
 
     def _process(
-        self, logits: mx.array, reference: mx.array | None, tokens: mx.array, rows: list[_Row]
+        self, logits: mx.array, reference: mx.array | None, tokens: mx.array, rows: list[Row]
     ) -> tuple[mx.array, mx.array | None]:
         """Each row's processors over its logits (and its reference logits, alike)."""
         if not any(r.processors for r in rows):
@@ -561,7 +446,7 @@ class Engine:
         return mx.concatenate(out, axis=0), reference
 
     def _sample(
-        self, logprobs: mx.array, reference: mx.array | None, rows: list[_Row]
+        self, logprobs: mx.array, reference: mx.array | None, rows: list[Row]
     ) -> tuple[mx.array, mx.array | None]:
         """Each row's token, and whether it differs from the one its reference logits give
         under the same sampler and draw (1, 0; -1 for a sampler that cannot be replayed)."""
@@ -585,11 +470,11 @@ class Engine:
             tokens, flag = self._sample_rows(lp, ref, rows[positions[0]])
             parts.append((positions, tokens))
             flags.append((positions, flag))
-        changed = None if reference is None else _scatter(flags, len(rows))
-        return _scatter(parts, len(rows)), changed
+        changed = None if reference is None else scatter(flags, len(rows))
+        return scatter(parts, len(rows)), changed
 
     def _sample_rows(
-        self, logprobs: mx.array, reference: mx.array | None, row: _Row
+        self, logprobs: mx.array, reference: mx.array | None, row: Row
     ) -> tuple[mx.array, mx.array]:
         n = logprobs.shape[0]
         if row.sampler is None:
@@ -614,7 +499,7 @@ class Engine:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read(self, out: _Step, rows: list[_Row]) -> list[TokenEvent]:
+    def _read(self, out: Step, rows: list[Row]) -> list[TokenEvent]:
         tokens, layers, entropies = out.tokens.tolist(), out.layers.tolist(), out.entropy.tolist()
         head_rows = out.head_rows.tolist()
         changed = [0] * len(rows) if out.changed is None else out.changed.tolist()
@@ -679,38 +564,6 @@ class Engine:
             row.done = event.finish_reason is not None
             events.append(event)
         return events
-
-
-def _in_row_order(
-    decided: list[tuple[list[int], Decision, mx.array]], rows: int
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """The groups' logits, layers, entropies and head rows, put back in the rows' order."""
-    if len(decided) == 1:
-        _, d, head = decided[0]
-        return d.logits, d.layers.astype(mx.int32), d.entropy.astype(mx.float32), head
-    return (
-        _scatter([(p, d.logits) for p, d, _ in decided], rows),
-        _scatter([(p, d.layers.astype(mx.int32)) for p, d, _ in decided], rows),
-        _scatter([(p, d.entropy.astype(mx.float32)) for p, d, _ in decided], rows),
-        _scatter([(p, head) for p, _, head in decided], rows),
-    )
-
-
-def _others(positions: list[int], rows: list[Any]) -> list[int]:
-    taken = set(positions)
-    return [p for p in range(len(rows)) if p not in taken]
-
-
-def _scatter(parts: list[tuple[list[int], mx.array]], rows: int) -> mx.array:
-    """Arrays computed for groups of row positions, as one array in the rows' order."""
-    order = [p for positions, _ in parts for p in positions]
-    stacked = mx.concatenate([a for _, a in parts], axis=0)
-    if order == list(range(rows)):
-        return stacked
-    inverse = [0] * rows
-    for i, p in enumerate(order):
-        inverse[p] = i
-    return stacked[mx.array(inverse)]
 
 
 def remove_taps(model: nn.Module) -> None:
