@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from layerdecode.errors import ConfigError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from layerdecode.eval.stats import Summary
     from layerdecode.lens import LensResult
 
@@ -23,6 +25,7 @@ __all__ = [
     "lens_html",
     "plot_lens",
     "plot_summary",
+    "plot_trace_entropy",
     "short_token",
 ]
 
@@ -269,4 +272,49 @@ def plot_summary(summary: Summary, path: str | Path, *, title: str | None = None
             axis.tick_params(labelbottom=False)
     path = Path(path)
     figure.savefig(path, format="png")
+    return path
+
+
+def plot_trace_entropy(
+    trace: pa.Table | str | Path, path: str | Path, *, title: str | None = None
+) -> Path:
+    """Write a PNG of the mean entropy of the layers read, by depth below the final layer,
+    for the tokens the strategy changed and for the others (a trace from ``--trace``: its
+    directory or its table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from layerdecode.trace import entropy_by_depth, read_trace
+
+    table = trace if hasattr(trace, "column") else read_trace(trace)
+    means = entropy_by_depth(table)
+    if not any(means.values()):
+        raise ConfigError(
+            "The trace has no candidate entropies to plot: write it with --trace and a "
+            "strategy that reads layers below the final one (confident, dola)."
+        )
+    fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, 3.6))
+    for name, style in (("unchanged", "o-"), ("changed", "s--")):
+        points = sorted(means[name].items())
+        if points:
+            tokens = sum(n for _, (_, n) in points)
+            ax.plot(
+                [d for d, _ in points],
+                [m for _, (m, _) in points],
+                style,
+                label=f"{name} tokens ({tokens} readings)",
+            )
+    ax.set_xlabel("depth below the final layer (0 = final)")
+    ax.set_ylabel("mean entropy (nats)")
+    ax.invert_xaxis()
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
     return path

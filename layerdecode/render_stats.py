@@ -112,7 +112,7 @@ def token_table(rows: Sequence[tuple[str, TokenStats]], kinds: Mapping[str, str]
 def depth_table(rows: Sequence[tuple[str, TokenStats]]) -> Table:
     """The histogram of depths below the final layer: one row per depth, one column per
     strategy, each cell the tokens at that depth and their share."""
-    table = Table(title="chosen layer: depth below the final layer", title_justify="left")
+    table = Table(title="tokens per depth below final", title_justify="left")
     table.add_column("depth", justify="right")
     for name, _ in rows:
         table.add_column(name, justify="right")

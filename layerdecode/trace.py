@@ -45,7 +45,14 @@ if TYPE_CHECKING:
     from .engine import TokenEvent
     from .generation import GenerationResult
 
-__all__ = ["COLUMNS", "TraceWriter", "read_trace", "trace_status", "require_pyarrow"]
+__all__ = [
+    "COLUMNS",
+    "TraceWriter",
+    "entropy_by_depth",
+    "read_trace",
+    "require_pyarrow",
+    "trace_status",
+]
 
 FORMAT = "layerdecode-trace/1"
 INFO = "_trace.json"
@@ -351,3 +358,34 @@ def trace_status(path: str | Path) -> dict[str, Any]:
         "parts": len(_parts(path)),
         "rows": read_trace(path).num_rows,
     }
+
+
+def entropy_by_depth(table: pa.Table) -> dict[str, dict[int, tuple[float, int]]]:
+    """Mean entropy of the candidate layers read, by depth below the final layer, for the
+    changed tokens and for the others: ``{"changed": {depth: (mean nats, readings)},
+    "unchanged": {...}}``. Tokens whose change could not be told are left out."""
+    require_pyarrow()
+    import numpy as np
+    import pyarrow.compute as pc
+
+    candidates = table.column("candidates").combine_chunks()
+    parents = pc.list_parent_indices(candidates).to_numpy()
+    flat = pc.list_flatten(candidates)
+    layers = flat.field("layer").to_numpy(zero_copy_only=False).astype(np.int64)
+    entropy = flat.field("entropy").to_numpy(zero_copy_only=False).astype(np.float64)
+    final = (
+        table.column("layer").to_numpy().astype(np.int64)
+        + table.column("depth").to_numpy().astype(np.int64)
+    )[parents]
+    changed = table.column("changed").to_pylist()
+    flags = np.array([c is True for c in changed], dtype=bool)[parents]
+    known = np.array([c is not None for c in changed], dtype=bool)[parents]
+    depth = final - layers
+    out: dict[str, dict[int, tuple[float, int]]] = {}
+    for name, mask in (("changed", flags & known), ("unchanged", ~flags & known)):
+        means: dict[int, tuple[float, int]] = {}
+        for d in np.unique(depth[mask]):
+            values = entropy[mask & (depth == d)]
+            means[int(d)] = (float(values.mean()), int(values.size))
+        out[name] = means
+    return out

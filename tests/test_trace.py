@@ -223,3 +223,33 @@ def test_eval_trace_has_every_pair_and_resume_adds_to_it(tiny_model, tmp_path):
         (r.item_id, r.strategy, i) for r in records for i in range(r.n_tokens)
     )
     assert len({x["run_id"] for x in table}) == 1
+
+
+def test_the_worked_example_of_the_docs_runs(tmp_path, monkeypatch):
+    pytest.importorskip("pandas")
+    from layerdecode.plots import plot_trace_entropy
+    from layerdecode.trace import entropy_by_depth
+
+    text = (ROOT / "docs" / "traces.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    with TraceWriter("run.parquet", rows_per_group=5) as writer:
+        write_rows(writer, 12)  # strategy "confident", final layer 5, reads layers 4 and 5
+        writer.add("a", "final", 0, token=1, layer=5, final_layer=5, candidates={5: 3.0})
+    exec(compile(blocks[0], "docs/traces.md", "exec"), {})
+    assert (tmp_path / "entropy-by-depth.png").stat().st_size > 0
+    import pyarrow.compute as pc
+
+    table = read_trace("run.parquet")
+    means = entropy_by_depth(table.filter(pc.equal(table.column("strategy"), "confident")))
+    # Rows 0, 3, 6, 9 changed: their layer-4 entropies are 1 + i, layer 5 always 2.
+    assert means["changed"] == {0: (2.0, 4), 1: (1.0 + 4.5, 4)}
+    assert means["unchanged"][1] == (1.0 + sum(i for i in range(12) if i % 3) / 8, 8)
+    plot_trace_entropy("run.parquet", tmp_path / "again.png", title="t")
+    assert (tmp_path / "again.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="no candidate entropies"):
+        empty = tmp_path / "empty.parquet"
+        with TraceWriter(empty) as writer:
+            writer.add("a", "final", 0, token=1, layer=5, final_layer=5)
+        plot_trace_entropy(empty, tmp_path / "none.png")
