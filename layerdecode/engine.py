@@ -94,6 +94,8 @@ class Engine:
         *,
         key: Hashable | None = None,
         prompt_cache: list[Any] | None = None,
+        cached: int = 0,
+        on_cache: Callable[[list[int], list[Any]], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Hashable:
         """Queue a row; it is prefilled and generates from the next :meth:`step` on.
@@ -105,6 +107,11 @@ class Engine:
             prompt_cache: a cache from ``make_prompt_cache`` to fill and reuse: the row's
                 prompt is processed into it (after what it holds already). It keeps
                 receiving the row's tokens while the row runs alone.
+            cached: how many of the prompt's first tokens ``prompt_cache`` holds already
+                (a reused prefix: only the rest is prefilled; at most ``len(prompt) - 1``).
+            on_cache: called once the row has ended (not cancelled) with the tokens its
+                caches hold (the prompt, then the generated tokens fed back) and those
+                caches, as mlx-lm's plain caches: to keep them for a later prompt.
             progress: called with (processed, total) prompt tokens while prefilling.
 
         Returns:
@@ -113,6 +120,11 @@ class Engine:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ConfigError("The prompt is empty: give at least one token.")
+        if not 0 <= cached < len(prompt) or (cached and prompt_cache is None):
+            raise ConfigError(
+                f"cached={cached}: a prompt cache may hold 0 to {len(prompt) - 1} of the "
+                "prompt's tokens (the last one is always decoded)."
+            )
         options = plan.options
         max_tokens = options.max_tokens_or_default()
         if max_tokens == 0:
@@ -151,6 +163,8 @@ class Engine:
             max_tokens=max_tokens,
             stop_tokens=frozenset(stop),
             prompt_cache=prompt_cache,
+            cached=cached,
+            on_cache=on_cache,
             progress=progress,
         )
         self.waiting.append(row)
@@ -176,7 +190,7 @@ class Engine:
             mx.clear_cache()
         for row in self.rows:
             if row.key == key:
-                row.done = True
+                row.done = row.cancelled = True
 
     def __len__(self) -> int:
         """Rows waiting, being prefilled or generating."""
@@ -213,6 +227,7 @@ class Engine:
             # The strategy reads values on the host while it selects: read this step
             # first, so that the finished rows are not decoded again.
             self.upcoming = self._build(current.tokens)
+        self._hand_back_caches()
         self.steps += 1
         if self.steps % 256 == 0:
             mx.clear_cache()
@@ -234,6 +249,18 @@ class Engine:
             current = current.take(keep)
         return current, list(self.rows)
 
+    def _hand_back_caches(self) -> None:
+        """The caches of rows that ended, to those who asked for them (before they go)."""
+        for i, row in enumerate(self.rows):
+            if row.done and not row.cancelled and row.on_cache is not None:
+                callback, row.on_cache = row.on_cache, None
+                if self.batched:
+                    cache = [c.extract(i) for c in self.cache]
+                else:
+                    cache, self.cache = self.cache, None  # the row ran alone: its own caches
+                tokens = [*row.prompt, *row.generated][: row.fed]
+                callback(tokens, cache)
+
     def _build(self, tokens: mx.array | None) -> Step | None:
         """The next step of the running rows and of those whose prefill ends now."""
         if self.waiting or self.prefilling is not None:
@@ -244,6 +271,8 @@ class Engine:
         if tokens is None:
             return None
         out = self._decide(tokens)
+        for row in self.rows:
+            row.fed += 1
         mx.async_eval(*out.arrays())
         return out
 
@@ -270,7 +299,7 @@ class Engine:
         batch: list[Row] = []
         while self.waiting:
             row = self.waiting[0]
-            need = len(row.prompt) - 1
+            need = len(row.prompt) - 1 - row.cached
             if need > step:
                 if self.prefilling is None and budget in (None, step):
                     self.prefilling = self.waiting.pop(0)
@@ -303,7 +332,7 @@ class Engine:
 
     def _start(self, row: Row) -> None:
         row.cache = row.prompt_cache or make_prompt_cache(self.model, self.max_kv_size)
-        row.filled = 0
+        row.filled = row.cached
         if row.progress is not None:
             row.progress(0, len(row.prompt))
 
@@ -363,7 +392,8 @@ class Engine:
         for row in joined:
             if self.batched:
                 row.cache = None  # merged into the engine's caches
-            row.prompt_tps = len(row.prompt) / max(row.prefill_seconds, 1e-9)
+            row.prompt_tps = (len(row.prompt) - row.cached) / max(row.prefill_seconds, 1e-9)
+            row.fed = len(row.prompt) - 1
             row.tic = now
             if row.progress is not None:
                 row.progress(len(row.prompt), len(row.prompt))
@@ -526,6 +556,7 @@ class Engine:
                 continue
             token = tokens[i]
             row.count += 1
+            row.generated.append(token)
             event = TokenEvent(
                 row=row.key,
                 token=token,
@@ -535,6 +566,7 @@ class Engine:
                 logprobs=out.logprobs[i],
                 num_layers=self.num_layers,
                 prompt_tokens=len(row.prompt),
+                cached_tokens=row.cached,
                 prompt_tps=row.prompt_tps,
                 generation_tokens=row.count,
                 generation_tps=row.count / max(now - row.tic, 1e-9),

@@ -78,6 +78,7 @@ class TokenEvent:
         matched_stop: the stop sequence that ended the row, if one did.
         num_layers: decoder layers of the model.
         prompt_tokens: the row's prompt tokens.
+        cached_tokens: those of them a reused prompt cache held already (not prefilled).
         prompt_tps: prompt tokens per second of the prefill the row was part of.
         generation_tokens: tokens the row has generated so far.
         generation_tps: the row's tokens per second since its prefill ended.
@@ -109,6 +110,7 @@ class TokenEvent:
     matched_stop: str | None = None
     num_layers: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     generation_tps: float = 0.0

@@ -6,7 +6,7 @@ Private to :mod:`layerdecode.engine`.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -45,11 +45,16 @@ class Row:
     max_tokens: int
     stop_tokens: frozenset[int]
     prompt_cache: list[Any] | None = None
+    cached: int = 0  # prompt tokens the given prompt cache holds already
+    on_cache: Callable[[list[int], list[Any]], None] | None = None
     progress: Callable[[int, int], None] | None = None
     cache: list[Any] | None = None  # its own caches while it is prefilled
     filled: int = 0  # prompt tokens in its caches
     prefill_seconds: float = 0.0
     count: int = 0
+    generated: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens in the row's caches once its step runs
+    cancelled: bool = False
     done: bool = False
     prompt_tps: float = 0.0
     tic: float = 0.0
