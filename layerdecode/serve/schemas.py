@@ -8,9 +8,10 @@ or a shipped preset name, never a file path.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerdecode.config import resolve_strategy
 from layerdecode.errors import ConfigError
@@ -24,6 +25,16 @@ from ..prompts import check_template_kwargs
 ROLES = ("system", "developer", "user", "assistant")
 # GenerationOptions a request may set under their own names, beside OpenAI's fields.
 EXTRA_OPTIONS = ("top_k", "min_p", "repetition_penalty", "repetition_context_size")
+
+# The sizes a request's fields may have: a body within --max-body-bytes can still hold more
+# than any client needs, and each of these costs work (or an echo in an error) per item.
+MAX_MESSAGES = 2048
+MAX_STOP = 16  # stop strings, each at most MAX_STOP_CHARS
+MAX_STOP_CHARS = 256
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_NAME_CHARS = 256  # model, strategy, role
+MAX_PARAMS_KEYS = 32  # strategy_params, chat_template_kwargs
+MAX_PARAMS_CHARS = 4096  # the same, as JSON
 
 
 class ApiError(Exception):
@@ -68,7 +79,7 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: str = Field(max_length=MAX_NAME_CHARS)
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -88,7 +99,7 @@ class CommonRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_NAME_CHARS)
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = None
@@ -97,7 +108,7 @@ class CommonRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    strategy: str | None = None
+    strategy: str | None = Field(None, max_length=MAX_NAME_CHARS)
     strategy_params: dict[str, Any] | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -107,13 +118,48 @@ class CommonRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP:
+            raise ValueError(f"give at most {MAX_STOP} stop strings, not {len(strings)}")
+        if any(len(s) > MAX_STOP_CHARS for s in strings):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    @field_validator("strategy_params")
+    @classmethod
+    def _bounded_params(cls, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _bounded_object(params)
+
+    def asked_tokens(self) -> int | None:
+        """The token budget the request itself set (``None``: it set none)."""
+        return getattr(self, "max_completion_tokens", None) or self.max_tokens
+
+
+def _bounded_object(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_PARAMS_KEYS:
+        raise ValueError(f"give at most {MAX_PARAMS_KEYS} keys, not {len(value)}")
+    if len(json.dumps(value)) > MAX_PARAMS_CHARS:
+        raise ValueError(f"at most {MAX_PARAMS_CHARS} characters of JSON are accepted")
+    return value
+
 
 class ChatRequest(CommonRequest):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = Field(None, max_length=MAX_TOOLS)  # bounded, not used
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _bounded_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _bounded_object(kwargs)
 
     def template_kwargs(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """The chat template's arguments: the request's over the server's ``defaults``."""
@@ -148,7 +194,8 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         param = str(err["loc"][0]) if err["loc"] else None
         if err["type"] == "missing":
             raise ApiError(400, f"Missing required field '{loc}'.", param=param) from None
-        raise ApiError(400, f"Invalid field '{loc}': {err['msg']}.", param=param) from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"Invalid field '{loc}': {message}.", param=param) from None
 
 
 def check_messages(messages: list[Message]) -> list[dict[str, str]]:
