@@ -346,10 +346,19 @@ def test_api_key_is_required_on_every_endpoint_but_health(tiny_model_dir):
         assert client.completions.create(model=model, prompt="w1", max_tokens=2).choices[0].text
 
 
-def test_full_queue_429_disconnect_frees_the_row_then_served_again(tiny_model_dir):
+@pytest.fixture(scope="module")
+def long_context_dir(tmp_path_factory):
+    """The tiny llama with a context of 4096 tokens (a saved tiny model says 512)."""
+    from layerdecode.testing import save_tiny_model
+
+    path = tmp_path_factory.mktemp("long") / "tiny-llama"
+    return save_tiny_model(path, max_position_embeddings=4096)
+
+
+def test_full_queue_429_disconnect_frees_the_row_then_served_again(long_context_dir):
     long = {"prompt": "w1", "max_tokens": 2000}  # about 20 s on the tiny model, no EOS
     with Server(
-        tiny_model_dir, "--max-batch", "1", "--max-queue", "1", "--max-tokens-limit", "2000"
+        long_context_dir, "--max-batch", "1", "--max-queue", "1", "--max-tokens-limit", "2000"
     ) as s:
         conn, response = open_stream(s, long)  # takes the one batch slot
         assert len(read_events(response, 2)) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,34 @@ def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1)
 )
 @limit_option("--max-body-bytes", 1_000_000, 1 << 30, "Larger request bodies are answered 413.")
 @click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(1, None),
+    metavar="N",
+    help="Longer prompts are answered 400 before any work. Default: the model's context "
+    "(from its config; prompt plus max_tokens must fit in it too).",
+)
+@limit_option(
+    "--queue-timeout",
+    120,
+    86_400,
+    "Seconds a request may wait for a batch slot; then 503 with Retry-After (0: no limit).",
+    low=0,
+)
+@limit_option(
+    "--drain-timeout",
+    30,
+    86_400,
+    "On SIGINT/SIGTERM, seconds the requests in flight may take before they are ended "
+    "(503, or a final error chunk); a second signal exits at once.",
+    low=0,
+)
+@limit_option(
+    "--prefill-step-size",
+    2048,
+    1 << 20,
+    "Prompt tokens per forward pass while prefilling; running streams step between chunks.",
+)
+@click.option(
     "--api-key",
     envvar="LAYERDECODE_API_KEY",
     show_envvar=True,
@@ -85,7 +114,8 @@ def serve_command(**kwargs: Any) -> None:
     extra body fields "strategy" and "strategy_params"; each choice carries the layer of
     every token under "layerdecode". A thinking model's reasoning comes apart from the
     answer, as "reasoning" beside "content"; a chat request's "chat_template_kwargs" go
-    over --chat-template-kwargs. SIGINT/SIGTERM finish the requests in flight, then exit 0.
+    over --chat-template-kwargs. SIGINT/SIGTERM stop taking requests and let those in flight
+    finish for at most --drain-timeout seconds, then exit 0; a second signal exits at once.
     """
     try:
         import uvicorn
@@ -127,33 +157,81 @@ def serve_command(**kwargs: Any) -> None:
         max_body_bytes=kwargs["max_body_bytes"],
         api_key=kwargs["api_key"] or None,
         chat_template_kwargs=kwargs["chat_template_kwargs"] or {},
+        max_prompt_tokens=kwargs["max_prompt_tokens"],
+        drain_timeout=kwargs["drain_timeout"],
     )
-    worker = Worker(models, max_batch=kwargs["max_batch"], max_queue=kwargs["max_queue"])
+    worker = Worker(
+        models,
+        max_batch=kwargs["max_batch"],
+        max_queue=kwargs["max_queue"],
+        queue_timeout=kwargs["queue_timeout"] or None,
+        prefill_step_size=kwargs["prefill_step_size"],
+    )
     app = create_app(worker, config)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()  # drained on purpose: exit 0, do not re-raise
-
-    server = Server(
+    server = draining_server(uvicorn, worker, kwargs["drain_timeout"])(
         uvicorn.Config(
             app,
             host=host,
             port=kwargs["port"],
             log_level=kwargs["log_level"],
-            timeout_graceful_shutdown=600,
+            # The drain has answered every request by the time uvicorn shuts down: this only
+            # bounds a connection still sending its body.
+            timeout_graceful_shutdown=3,
         )
     )
     click.echo(
         f"layerdecode: serving {model_id} on http://{_url_host(host)}:{kwargs['port']}", err=True
     )
     server.run()
-    # The requests in flight are drained by now. Leave without the interpreter's teardown: it
-    # can race MLX's native worker threads and abort the process (seen once as SIGABRT).
+    _leave(0)  # the requests in flight are answered by now
+
+
+def draining_server(uvicorn: Any, worker: Any, timeout: float) -> Any:
+    """uvicorn's Server whose first SIGINT/SIGTERM drains ``worker`` for at most ``timeout``
+    seconds before uvicorn shuts down, and whose second exits at once."""
+    from layerdecode.serve.app import drain
+
+    class Server(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+        draining = False
+
+        async def startup(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.loop is None:  # not serving yet: uvicorn's own handling
+                super().handle_exit(sig, frame)
+                self._captured_signals.clear()
+            elif self.draining:
+                click.echo("layerdecode: a second signal: exiting now", err=True)
+                _leave(0)
+            else:
+                self.draining = True
+                self.loop.call_soon_threadsafe(self.loop.create_task, self.drain())
+
+        async def drain(self) -> None:
+            stats = worker.stats()
+            count = stats["running"] + stats["waiting"]
+            click.echo(
+                f"layerdecode: stopping; {count} requests in flight may take {timeout:g} s more "
+                "(a second signal exits now)",
+                err=True,
+            )
+            ended = await drain(worker, timeout)
+            if ended:
+                click.echo(f"layerdecode: {ended} requests ended unfinished", err=True)
+            self.should_exit = True
+
+    return Server
+
+
+def _leave(code: int) -> None:
+    # Not the interpreter's teardown: it can race MLX's native worker threads and abort the
+    # process (seen once as SIGABRT).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _url_host(host: str) -> str:

@@ -2,6 +2,9 @@
 
 Handlers parse and validate on the event loop, queue a :class:`~.worker.Job` and stream
 what the generation thread sends back. Every failure is answered in OpenAI's error shape.
+What can be known before any work starts is checked first (the body's nesting, the fields'
+sizes, the prompt's length against the model's context); prompts are tokenised off the event
+loop. :func:`drain` ends a server's work within a bound.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,7 +21,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -28,6 +32,7 @@ from layerdecode.registry import list_strategies
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..engine import TokenEvent
 from ..layerstats import layer_stats
+from .limits import fit_prompt, parse_json
 from .schemas import (
     ApiError,
     ChatRequest,
@@ -38,6 +43,8 @@ from .schemas import (
     resolve_request_strategy,
 )
 from .worker import Job, Worker
+
+log = logging.getLogger("layerdecode.serve")
 
 
 @dataclass
@@ -50,6 +57,9 @@ class ServerConfig:
     max_body_bytes: int = 1_000_000
     api_key: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # requests' defaults
+    max_prompt_tokens: int | None = None  # None: the model's context is the limit
+    drain_timeout: float = 30.0  # seconds the requests in flight may take after a stop
+    tokenisers: int = 2  # prompts tokenised at once, off the event loop
 
 
 class Disconnected(Exception):
@@ -61,6 +71,7 @@ class Handlers:
         self.worker = worker
         self.config = config
         self.default_model = next(iter(worker.models))
+        self.tokenising = asyncio.Semaphore(config.tokenisers)
 
     # --- checks -------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -82,14 +93,15 @@ class Handlers:
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "The request body is not valid JSON.") from None
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
+        except ClientDisconnect:
+            log.info("a client left while sending its request body (%d bytes read)", len(body))
+            raise Disconnected() from None
+        return parse_json(bytes(body))
 
     def model_of(self, name: str | None) -> str:
         """The id of the served model a request names (none: the default one)."""
@@ -107,8 +119,15 @@ class Handlers:
         return name
 
     # --- endpoints ----------------------------------------------------------------
+    def check_open(self) -> None:
+        if self.worker.draining:
+            raise ApiError(503, "The server is shutting down.", kind="server_error")
+
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.default_model, **self.worker.stats()})
+        """ok (200) or draining (503), with the jobs running and waiting and the oldest's age."""
+        status = "draining" if self.worker.draining else "ok"
+        body = {"status": status, "model": self.default_model, **self.worker.stats()}
+        return JSONResponse(body, status_code=503 if self.worker.draining else 200)
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
@@ -121,6 +140,7 @@ class Handlers:
 
     async def chat(self, request: Request) -> Response:
         self.check_key(request)
+        self.check_open()
         req = parse(ChatRequest, await self.read_json(request))
         messages = check_messages(req.messages)
         template = req.template_kwargs(self.config.chat_template_kwargs)
@@ -128,6 +148,7 @@ class Handlers:
 
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
+        self.check_open()
         req = parse(CompletionRequest, await self.read_json(request))
         prompt = req.prompt
         if isinstance(prompt, list):
@@ -157,10 +178,22 @@ class Handlers:
         tokenizer = self.worker.models[model][1]
         resolved = resolve_request_strategy(req.strategy, req.strategy_params, self.config.strategy)
         options = request_options(req, resolved, self.config.max_tokens_limit)
+        param = "messages" if chat else "prompt"
         try:
-            ids = build_prompt(tokenizer, prompt, chat=chat, chat_template_kwargs=template)
+            async with self.tokenising:  # a long prompt takes a while: not on the event loop
+                ids = await asyncio.to_thread(
+                    build_prompt, tokenizer, prompt, chat=chat, chat_template_kwargs=template
+                )
         except ConfigError as e:
-            raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+            raise ApiError(400, str(e), param=param) from None
+        options = fit_prompt(
+            len(ids),
+            options,
+            asked=req.asked_tokens(),
+            context=self.worker.contexts[model],
+            max_prompt_tokens=self.config.max_prompt_tokens,
+            param=param,
+        )
         loop = asyncio.get_running_loop()
         job = Job(ids, model, resolved, options, req.wanted_logprobs(), loop)
         self.worker.submit(job)
@@ -191,21 +224,65 @@ class Handlers:
         return JSONResponse(answer.whole(events))
 
     async def next_events(self, request: Request, job: Job) -> list[TokenEvent]:
-        """The events the generation thread has sent (at least one), or its error."""
+        """The events the generation thread has sent (at least one), or its error.
+
+        While nothing comes, asks about once a second whether the client left, and ends the
+        job if it has waited in the queue past ``--queue-timeout``.
+        """
         while True:
+            left = self.worker.queue_left(job)
             try:
-                item = await asyncio.wait_for(job.events.get(), 1.0)
+                first = await asyncio.wait_for(job.events.get(), min(1.0, left or 1.0))
                 break
             except asyncio.TimeoutError:
+                if self.worker.expire(job):
+                    raise self.queue_timeout(job) from None
                 if await request.is_disconnected():
                     raise Disconnected() from None
-        items = [item]
-        while not job.events.empty():
-            items.append(job.events.get_nowait())
-        for item in items:
+        events: list[TokenEvent] = []
+        for item in [first, *_pending(job.events)]:
             if isinstance(item, ApiError):
                 raise item
-        return items
+            events.append(item)
+            if item.finish_reason is not None:  # anything after the last token is moot
+                break
+        return events
+
+    def queue_timeout(self, job: Job) -> ApiError:
+        limit = self.worker.queue_timeout
+        return ApiError(
+            503,
+            f"The server is busy: this request waited {self.worker.waited(job):.0f} s in the "
+            f"queue (--queue-timeout {limit:g}) without starting. Retry later.",
+            kind="server_error",
+            code="queue_timeout",
+            headers={"Retry-After": str(QUEUE_RETRY_AFTER)},
+        )
+
+
+QUEUE_RETRY_AFTER = 5  # seconds a client is asked to wait after a queue timeout
+
+
+def _pending(queue: asyncio.Queue) -> list[Any]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+async def drain(worker: Worker, timeout: float) -> int:
+    """Take no new request (503) and let those in flight finish for at most ``timeout``
+    seconds; end the rest with a 503 (a stream: a final error chunk). Returns how many were
+    ended unfinished."""
+    worker.drain()
+    deadline = time.monotonic() + timeout
+    while not worker.idle() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    ended = worker.abandon(
+        f"The server is shutting down: this request was ended after the {timeout:g} s drain."
+    )
+    await asyncio.sleep(0.2 if ended else 0)  # their answers reach the clients first
+    return ended
 
 
 # The page loads nothing from elsewhere: its own inline script and style, fetches to itself.
@@ -411,7 +488,7 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(worker.stop, config.drain_timeout)
 
     routes = [
         Route("/", h.playground, methods=["GET"]),
@@ -424,6 +501,7 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
         ApiError: _api_error,
         HTTPException: _http_error,
         Disconnected: _disconnected,
+        ClientDisconnect: _disconnected,
         Exception: _unexpected,
     }
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

@@ -5,6 +5,10 @@ this thread adds waiting jobs as rows of the served model's one
 :class:`~layerdecode.engine.Engine` (whatever their strategy and sampling options: they share
 every forward pass), steps it, and hands each token back to the job's asyncio queue. MLX
 streams are bound to the thread that made them, so no other thread touches the model.
+
+The event loop may end a job at any time (its client left, it waited too long, the drain's
+time ran out): the job is marked, leaves the queue at once, and its row leaves the engine
+after the step running now, so a long prefill is given up between two of its chunks.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +26,7 @@ from ..config import ResolvedStrategy
 from ..engine import Engine, Plan, TokenEvent
 from ..errors import ConfigError
 from ..options import GenerationOptions
+from .limits import context_length
 from .schemas import ApiError
 
 log = logging.getLogger("layerdecode.serve")
@@ -39,7 +45,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
-    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # its answer is over: the engine drops its row, no more events
 
     def plan(self) -> Plan:
         return Plan(self.resolved, self.options, logprobs=self.logprobs)
@@ -52,38 +59,82 @@ class Worker:
     """Owns the models, their engines and the generation thread; jobs wait in a bounded queue.
 
     ``models`` maps each served model's id to its ``(model, tokenizer)``; the first is the
-    default. At most ``max_batch`` jobs generate at once, over all models.
+    default. At most ``max_batch`` jobs generate at once, over all models. A job that waits
+    in the queue longer than ``queue_timeout`` seconds (``None``: no limit) is ended by
+    :meth:`expire`; ``prefill_step_size`` is the engines' prompt tokens per forward pass.
     """
 
     def __init__(
-        self, models: dict[str, tuple[Any, Any]], *, max_batch: int = 16, max_queue: int = 64
+        self,
+        models: dict[str, tuple[Any, Any]],
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        queue_timeout: float | None = None,
+        prefill_step_size: int = 2048,
     ) -> None:
         if not models:
             raise ValueError("serve at least one model")
         self.models = dict(models)
+        self.contexts = {name: context_length(model) for name, (model, _) in models.items()}
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.prefill_step_size = prefill_step_size
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}
         self.engines: dict[str, Engine] = {}
         self.lock = threading.Condition()
-        self.stopping = False
+        self.draining = False  # no new jobs; those in flight go on
+        self.stopping = False  # the thread ends once it holds no job
         self.thread = threading.Thread(target=self._run, name="layerdecode-generation", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs already admitted or waiting, then end the thread."""
+        """Take no new job, let those in flight finish for at most ``timeout`` seconds (``None``:
+        as long as they take), end the rest with a 503, then end the thread."""
+        self.drain()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.idle() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        self.abandon("The server is shutting down: this request was ended unfinished.")
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        self.thread.join(timeout)
+        # The thread may be inside one long MLX call; it is a daemon and holds no job now.
+        self.thread.join(2.0)
+
+    def drain(self) -> None:
+        """Refuse new jobs from now on (503); the jobs in flight go on."""
+        with self.lock:
+            self.draining = True
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.waiting and not self.running
+
+    def abandon(self, message: str) -> int:
+        """End every job in flight with a 503 saying ``message``; returns how many there were.
+
+        Safe from the event loop while this thread is busy: the rows leave the engines at
+        the thread's next turn, and their clients have their answer now.
+        """
+        with self.lock:
+            jobs = [*self.waiting, *self.running.values()]
+            self.waiting.clear()
+            for job in jobs:
+                if not job.cancelled:
+                    job.cancelled = True
+                    job.send(ApiError(503, message, kind="server_error"))
+            self.lock.notify()
+        return len(jobs)
 
     def submit(self, job: Job) -> None:
         """Queue a job; a full queue is a 429 with ``Retry-After``."""
         with self.lock:
-            if self.stopping:
+            if self.draining or self.stopping:
                 raise ApiError(503, "The server is shutting down.", kind="server_error")
             if len(self.waiting) >= self.max_queue:
                 raise ApiError(
@@ -97,11 +148,48 @@ class Worker:
             self.lock.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client went away: the job's row leaves its engine at the next step."""
-        job.cancelled = True
+        """The client went away: a waiting job leaves the queue now, a running one's row
+        leaves its engine after the step (or prefill chunk) running now."""
+        with self.lock:
+            job.cancelled = True
+            if job.id not in self.running and job in self.waiting:
+                self.waiting.remove(job)
+            self.lock.notify()
 
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": len(self.waiting)}
+    def expire(self, job: Job) -> bool:
+        """End ``job`` if it has waited in the queue longer than ``queue_timeout``."""
+        if self.queue_timeout is None:
+            return False
+        with self.lock:
+            if job not in self.waiting or self.waited(job) < self.queue_timeout:
+                return False
+            self.waiting.remove(job)
+            job.cancelled = True
+            return True
+
+    def queue_left(self, job: Job) -> float | None:
+        """Seconds ``job`` may still wait in the queue (``None``: not waiting, or no limit)."""
+        if self.queue_timeout is None:
+            return None
+        with self.lock:
+            if job not in self.waiting:
+                return None
+        return max(0.0, self.queue_timeout - self.waited(job)) + 0.01
+
+    def waited(self, job: Job) -> float:
+        return time.monotonic() - job.submitted
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs running and waiting, and the age in seconds of the oldest of them."""
+        with self.lock:
+            jobs = [*self.waiting, *self.running.values()]
+            waiting = len(self.waiting)
+        oldest = max((self.waited(job) for job in jobs), default=0.0)
+        return {
+            "running": len(jobs) - waiting,
+            "waiting": waiting,
+            "oldest_age_s": round(oldest, 1),
+        }
 
     def _run(self) -> None:
         while True:
@@ -111,8 +199,10 @@ class Worker:
                 if self.stopping and not self.waiting and not self.running:
                     return
                 admitted = []
-                while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-                    admitted.append(self.waiting.popleft())
+                while self.waiting and len(self.running) < self.max_batch:
+                    job = self.waiting.popleft()
+                    self.running[job.id] = job  # counted as running from here on
+                    admitted.append(job)
             try:
                 for job in admitted:
                     self._admit(job)
@@ -124,37 +214,49 @@ class Worker:
                 self._fail_all(e)
 
     def _fail_all(self, error: Exception) -> None:
-        for job in self.running.values():
+        with self.lock:
+            jobs = list(self.running.values())
+            self.running.clear()
+        for job in jobs:
             job.send(ApiError(500, f"Generation failed: {error}", kind="server_error"))
-        self.running.clear()
         self.engines.clear()
 
     def _engine(self, name: str) -> Engine:
         engine = self.engines.get(name)
         if engine is None:
             model, tokenizer = self.models[name]
-            engine = self.engines[name] = Engine(model, tokenizer)
+            engine = self.engines[name] = Engine(
+                model, tokenizer, prefill_step_size=self.prefill_step_size
+            )
         return engine
 
     def _admit(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        try:
-            self._engine(job.model).add(job.prompt, job.plan(), key=job.id)
-        except ConfigError as e:
-            job.send(ApiError(400, str(e), param="strategy_params"))
-            return
-        except Exception as e:  # noqa: BLE001 - one request fails, the server lives on
-            log.exception("could not start a generation")
-            job.send(ApiError(500, f"Generation failed: {e}", kind="server_error"))
-            return
-        self.running[job.id] = job
+        error = None
+        if not job.cancelled:
+            try:
+                self._engine(job.model).add(job.prompt, job.plan(), key=job.id)
+                return
+            except ConfigError as e:
+                error = ApiError(400, str(e), param="strategy_params")
+            except Exception as e:  # noqa: BLE001 - one request fails, the server lives on
+                log.exception("could not start a generation")
+                error = ApiError(500, f"Generation failed: {e}", kind="server_error")
+        self._finish(job)
+        if error is not None:
+            job.send(error)
+
+    def _finish(self, job: Job) -> None:
+        with self.lock:
+            self.running.pop(job.id, None)
 
     def _drop_cancelled(self) -> None:
-        for job in list(self.running.values()):
-            if job.cancelled:
-                self.engines[job.model].cancel(job.id)
-                del self.running[job.id]
+        with self.lock:
+            cancelled = [job for job in self.running.values() if job.cancelled]
+        for job in cancelled:
+            engine = self.engines.get(job.model)
+            if engine is not None:
+                engine.cancel(job.id)
+            self._finish(job)
 
     def _step(self, name: str) -> None:
         engine = self.engines[name]
@@ -165,18 +267,18 @@ class Worker:
             del self.engines[name]
             for job in list(self.running.values()):
                 if job.model == name:
-                    del self.running[job.id]
+                    self._finish(job)
                     job.send(ApiError(500, f"Generation failed: {e}", kind="server_error"))
             return
         outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, TokenEvent]]] = {}
         for event in events:
             job = self.running.get(event.row)
-            if job is None:
+            if job is None or job.cancelled:
                 continue
             event.logprobs = None  # the HTTP side reads plain values only
             outbox.setdefault(job.loop, []).append((job, event))
             if event.finish_reason is not None:
-                del self.running[job.id]
+                self._finish(job)
         for loop, items in outbox.items():  # one wake-up of the event loop per step
             loop.call_soon_threadsafe(_deliver, items)
 
