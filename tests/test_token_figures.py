@@ -4,6 +4,7 @@ accuracy by difficulty, in results, records, summaries, the report and the CLI."
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 
 import mlx.core as mx
@@ -285,3 +286,28 @@ def test_lm_eval_model_keeps_the_figures_per_request(tiny_model_dir):
     assert stats["non_final_share"] == expected.non_final_share
     assert stats["changed_share"] == expected.changed_share
     assert stats["extra_head_rows_per_token"] == expected.extra_head_rows > 0
+
+
+PAPER_TASKS = [
+    "gpqa_diamond_cot_zeroshot",
+    "gpqa_diamond_zeroshot",
+    "minerva_math",
+    "hendrycks_math",
+    "minerva_math500",
+    "hrm8k_omni_math_en",
+]
+
+
+@pytest.mark.slow  # lm-eval indexes every task file
+def test_the_paper_benchmarks_named_in_the_docs_are_lm_eval_tasks():
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "lm-eval.md").read_text()
+    section = page[page.index("## The Confident Decoding paper's benchmarks") :]
+    section = section[: section.index("\n## ", 10)]
+    named = set(re.findall(r"`([a-z0-9_]+)`", section)) & set(PAPER_TASKS)
+    assert named == set(PAPER_TASKS)
+    assert set(PAPER_TASKS) <= set(TaskManager().all_tasks)
