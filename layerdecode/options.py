@@ -55,6 +55,24 @@ class GenerationOptions(BaseModel):
     repetition_context_size: int | None = Field(
         None, ge=1, description="Tokens the repetition penalty looks back over (default 20)."
     )
+    presence_penalty: float | None = Field(
+        None, description="Subtracted from the logit of every token already seen; 0 is off."
+    )
+    presence_context_size: int | None = Field(
+        None, ge=1, description="Tokens the presence penalty looks back over (default 20)."
+    )
+    frequency_penalty: float | None = Field(
+        None,
+        description="Subtracted from a token's logit once per time it was seen; 0 is off.",
+    )
+    frequency_context_size: int | None = Field(
+        None, ge=1, description="Tokens the frequency penalty looks back over (default 20)."
+    )
+    logit_bias: dict[int, float] | None = Field(
+        None,
+        description="Added to the logits of these tokens, as TOKEN_ID=BIAS (repeatable); "
+        "-100 all but bans a token.",
+    )
     seed: int | None = Field(None, description="Random seed, for reproducible sampling.")
     max_tokens: int | None = Field(
         None, ge=-1, description="Maximum number of tokens to generate (default 256)."
@@ -70,6 +88,33 @@ class GenerationOptions(BaseModel):
     def _positive_or_unlimited(cls, value: int | None) -> int | None:
         if value == 0:
             raise ValueError("must be positive (or -1 for no limit)")
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_pairs(cls, value: Any) -> Any:
+        """``{id: bias}`` (JSON's string keys too) or ``["ID=BIAS", ...]``."""
+        if isinstance(value, (list, tuple)):
+            pairs = {}
+            for item in value:
+                token, sep, bias = str(item).partition("=")
+                if not sep:
+                    raise ValueError(f"give TOKEN_ID=BIAS, not {item!r}")
+                pairs[token.strip()] = bias.strip()
+            value = pairs
+        if isinstance(value, Mapping):
+            out = {}
+            for token, bias in value.items():
+                try:
+                    token_id = int(token)
+                    out[token_id] = float(bias)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{token!r}: {bias!r} is not a token id and a number"
+                    ) from None
+                if token_id < 0:
+                    raise ValueError(f"token ids are not negative: {token_id}")
+            value = out or None
         return value
 
     @field_validator("stop", mode="before")
@@ -180,14 +225,23 @@ class GenerationOptions(BaseModel):
         return sampler
 
     def logits_processors(self) -> list[Callable]:
-        """mlx-lm's logits processors for these settings (the repetition penalty)."""
-        if self.repetition_penalty is None or self.repetition_penalty == 1.0:
+        """mlx-lm's logits processors for these settings (logit bias, then the repetition,
+        presence and frequency penalties)."""
+        repetition = self.repetition_penalty if self.repetition_penalty != 1.0 else None
+        presence = self.presence_penalty or None
+        frequency = self.frequency_penalty or None
+        if not (self.logit_bias or repetition or presence or frequency):
             return []
         from mlx_lm.sample_utils import make_logits_processors
 
         return make_logits_processors(
-            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.logit_bias,
+            repetition_penalty=repetition,
             repetition_context_size=self.repetition_context_size or 20,
+            presence_penalty=presence,
+            presence_context_size=self.presence_context_size or 20,
+            frequency_penalty=frequency,
+            frequency_context_size=self.frequency_context_size or 20,
         )
 
     def seed_random(self) -> None:
@@ -228,9 +282,9 @@ def option_fields() -> list[OptionField]:
     out = []
     for name, field in GenerationOptions.model_fields.items():
         kind = next(a for a in typing.get_args(field.annotation) if a is not type(None))
-        multiple = typing.get_origin(kind) is tuple
-        if multiple:
-            kind = typing.get_args(kind)[0]
+        multiple = typing.get_origin(kind) in (tuple, dict)
+        if multiple:  # a list of values, or of KEY=VALUE pairs for a mapping
+            kind = str if typing.get_origin(kind) is dict else typing.get_args(kind)[0]
         bounds: dict[str, Any] = {"ge": None, "gt": None, "le": None, "lt": None}
         for item in field.metadata:
             for key in bounds:

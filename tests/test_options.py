@@ -78,3 +78,40 @@ def test_option_fields_describe_every_option():
     assert fields["stop"].multiple and fields["stop"].type is str
     assert fields["top_k"].type is int and fields["top_k"].minimum == 0
     assert fields["seed"].minimum is None
+
+
+def test_logit_bias_and_presence_and_frequency_penalties_reach_the_tokens():
+    from layerdecode.config import resolve_strategy
+    from layerdecode.engine import Engine, Plan
+    from layerdecode.testing import tiny_model
+
+    model = tiny_model("llama")
+    strategy = resolve_strategy("confident", {"window": 4})
+
+    def tokens(**options):
+        engine = Engine(model)
+        engine.add([3, 17, 42, 8], Plan(strategy, GenerationOptions(max_tokens=12, **options)))
+        return [e.token for step in engine.run() for e in step]
+
+    plain = tokens()
+    banned = plain[0]
+    assert banned not in tokens(logit_bias={banned: -100.0})
+    # The tiny model repeats itself; a presence or frequency penalty breaks the loop.
+    assert len(set(plain)) < len(plain)
+    for field in ("presence_penalty", "frequency_penalty"):
+        penalised = tokens(**{field: 5.0})
+        assert penalised != plain and len(set(penalised)) > len(set(plain))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (["12"], "give TOKEN_ID=BIAS"),
+        ({"a": 1}, "is not a token id and a number"),
+        ({"-3": 1}, "token ids are not negative"),
+        ({"3": "x"}, "is not a token id and a number"),
+    ],
+)
+def test_bad_logit_bias_is_one_line(value, message):
+    with pytest.raises(ConfigError, match=message):
+        GenerationOptions.build(logit_bias=value)
