@@ -17,6 +17,7 @@ as one :class:`TokenEvent`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import PromptProcessingBatch, generation_stream
+from mlx_lm.generate import PromptProcessingBatch, generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 
 from .adapters import get_adapter
@@ -55,6 +56,9 @@ class Engine:
             ``stop_tokens`` or budget and events carry no text.
         prefill_step_size: prompt tokens per forward pass while prefilling.
         max_kv_size: a rotating cache of that many positions per row (as in mlx-lm).
+        kv_bits: quantise the caches to this many bits once they hold
+            ``quantized_kv_start`` tokens, in groups of ``kv_group_size`` (mlx-lm's
+            quantised cache). Such caches cannot be batched: rows then run one at a time.
     """
 
     def __init__(
@@ -64,6 +68,9 @@ class Engine:
         *,
         prefill_step_size: int = 2048,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 5000,
     ) -> None:
         self.model = model
         self.adapter = get_adapter(model)
@@ -72,6 +79,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.prefill_step_size = prefill_step_size
         self.max_kv_size = max_kv_size
+        # mlx-lm's quantised caches cannot be batched: with them, rows run one at a time.
+        self.quantize = None
+        if kv_bits is not None:
+            self.quantize = functools.partial(
+                maybe_quantize_kv_cache,
+                quantized_kv_start=quantized_kv_start,
+                kv_group_size=kv_group_size,
+                kv_bits=kv_bits,
+            )
         self.groups: dict[str, Group] = {}
         self.waiting: list[Row] = []
         self.prefilling: Row | None = None  # a long prompt, prefilled a chunk per step
@@ -271,6 +287,8 @@ class Engine:
         if tokens is None:
             return None
         out = self._decide(tokens)
+        if self.quantize is not None:
+            self.quantize(self.cache)
         for row in self.rows:
             row.fed += 1
         mx.async_eval(*out.arrays())
@@ -288,6 +306,8 @@ class Engine:
         progress, every short prompt waiting is prefilled at once.
         """
         step = self.prefill_step_size
+        if self.quantize is not None and self.rows:
+            return []  # quantised caches: the next row starts when this one ends
         budget = step if self.rows or self.prefilling is not None else None  # None: no limit
         ready: list[Row] = []
         if self.prefilling is not None:
@@ -297,7 +317,8 @@ class Engine:
                 ready.append(row)
                 self.prefilling = None
         batch: list[Row] = []
-        while self.waiting:
+        one_at_a_time = self.quantize is not None
+        while self.waiting and not (one_at_a_time and (ready or self.prefilling is not None)):
             row = self.waiting[0]
             need = len(row.prompt) - 1 - row.cached
             if need > step:
@@ -311,6 +332,8 @@ class Engine:
                     break
                 budget -= need
             batch.append(self.waiting.pop(0))
+            if one_at_a_time:
+                break
         alone = [r for r in batch if r.prompt_cache is not None]
         together = [r for r in batch if r.prompt_cache is None]
         if len(together) == 1:
@@ -345,6 +368,8 @@ class Engine:
         tokens = mx.array(row.prompt[row.filled : row.filled + n], dtype=mx.uint32)
         with mx.stream(generation_stream):
             self.model(tokens[None], cache=row.cache)
+            if self.quantize is not None:
+                self.quantize(row.cache)
             mx.eval([c.state for c in row.cache])
         row.filled += n
         row.prefill_seconds += time.perf_counter() - tic

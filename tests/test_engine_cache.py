@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 
@@ -98,3 +99,35 @@ def test_cancelled_rows_give_no_cache_and_bad_counts_are_refused(model):
         engine.add([1, 2, 3], plan(), prompt_cache=[], cached=3)
     with pytest.raises(ConfigError, match="cached=1"):
         engine.add([1, 2, 3], plan(), cached=1)  # no cache given
+
+
+def test_quantised_caches_run_rows_one_at_a_time_as_mlx_lm_does():
+    from mlx_lm.generate import generate_step
+
+    model = tiny_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    prompts = prompts_of_lengths(9, 30, seed=5)
+    engine = Engine(model, kv_bits=8, kv_group_size=64, quantized_kv_start=4)
+    for i, p in enumerate(prompts):
+        engine.add(p, plan(n=6), key=i)
+    order = [e.row for step in engine.run() for e in step]
+    assert order == [0] * 6 + [1] * 6  # the second row starts when the first ends
+    for i, p in enumerate(prompts):
+        engine.add(p, plan(n=6), key=i)
+    got = {}
+    for step in engine.run():
+        for e in step:
+            got.setdefault(e.row, []).append(e.token)
+    for i, p in enumerate(prompts):
+        expected = [
+            int(t)
+            for t, _ in generate_step(
+                mx.array(p), model, max_tokens=6, kv_bits=8, kv_group_size=64,
+                quantized_kv_start=4,
+            )
+        ]  # fmt: skip
+        assert got[i] == expected
+    # The caches are quantised (they held more than quantized_kv_start tokens).
+    kept = []
+    engine.add(prompts[1], plan(n=3), on_cache=lambda t, c: kept.append(c))
+    list(engine.run())
+    assert type(kept[0][0]).__name__ == "QuantizedKVCache"
