@@ -103,8 +103,8 @@ class Worker:
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        # The thread may be inside one long MLX call; it is a daemon and holds no job now.
-        self.thread.join(2.0)
+        # The thread may be inside one long MLX call; it is a daemon and owes no answer now.
+        self.thread.join(1.0)
 
     def drain(self) -> None:
         """Refuse new jobs from now on (503); the jobs in flight go on."""
@@ -112,8 +112,9 @@ class Worker:
             self.draining = True
 
     def idle(self) -> bool:
+        """No job is owed an answer (a cancelled row may still be leaving its engine)."""
         with self.lock:
-            return not self.waiting and not self.running
+            return not self.waiting and all(job.cancelled for job in self.running.values())
 
     def abandon(self, message: str) -> int:
         """End every job in flight with a 503 saying ``message``; returns how many there were.
