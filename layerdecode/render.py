@@ -146,7 +146,7 @@ def summary_line(result: GenerationResult, *, strategy: str, interrupted: bool =
         f"prompt {len(result.prompt_tokens)} tok at {result.prompt_tps:.1f} tok/s",
         f"non-final {result.non_final_share:.0%}",
         f"mean depth {result.mean_depth:.2f} below final",
-        "changed -" if result.changed_share is None else f"changed {result.changed_share:.1%}",
+        f"changed {_share(result.changed_share)}",
         f"+{result.extra_head_rows:.2f} head rows/token",
         f"strategy {strategy}",
         f"peak {result.peak_memory_gb:.2f} GB",
@@ -183,10 +183,16 @@ def compare_table(
         ("tok/s", [f"{r.generation_tps:.1f}" for r in results]),
         ("non-final", [f"{r.non_final_share:.0%}" for r in results]),
         ("mean depth", [f"{r.mean_depth:.2f}" for r in results]),
+        ("changed", [_share(r.changed_share) for r in results]),
+        ("head rows", [f"+{r.extra_head_rows:.2f}/token" for r in results]),
     ]
     for name, cells in rows:
         table.add_row(name, *(plain(c) for c in cells))
     return table
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _reasoning_note(result: GenerationResult) -> str:

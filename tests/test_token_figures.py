@@ -248,6 +248,17 @@ def test_generate_json_and_summary_line_carry_the_figures(tiny_model):
     assert "Zhang et al. 2026, arXiv 2606.21906" in " ".join(result.stderr.split())
 
 
+def test_compare_table_shows_changed_and_head_rows():
+    from layerdecode.render import compare_table
+
+    plain = collected([event(5, 3), event(6, 3)])
+    mine = collected([event(5, 3), event(6, 2, changed=True, head_rows=3)])
+    console = Console(width=120, record=True)
+    console.print(compare_table("p", ["final", "confident"], [plain, mine]))
+    text = console.export_text()
+    assert "0.0%" in text and "50.0%" in text and "+1.00/token" in text
+
+
 def test_compare_json_carries_the_figures(tiny_model):
     data = run_json(
         "compare", "-m", tiny_model, "-s", "final,confident", "-p", "hello", "--max-tokens", "5"
