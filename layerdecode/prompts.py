@@ -64,19 +64,23 @@ def build_prompt(
     system: str | None = None,
     chat: bool = True,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids for a prompt text or a list of chat messages.
 
     With ``chat`` and a tokenizer that has a chat template, the messages (a text becomes
     one user message, after the ``system`` message if given) go through the template with
     the generation prompt added, and with ``chat_template_kwargs`` (e.g.
-    ``{"enable_thinking": False}``) as the template's further arguments. Otherwise the
-    text -- the system message and the messages' contents joined by blank lines -- is
-    encoded as mlx-lm encodes a prompt.
+    ``{"enable_thinking": False}``) as the template's further arguments. ``tools``
+    (OpenAI's function tools, see :func:`layerdecode.toolcalls.check_tools`) go to the
+    template too. Otherwise the text -- the system message and the messages' contents
+    joined by blank lines -- is encoded as mlx-lm encodes a prompt.
     """
     template_kwargs = {}
     if chat_template_kwargs is not None:
         template_kwargs = check_template_kwargs(chat_template_kwargs)
+    if tools:
+        template_kwargs["tools"] = list(tools)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ConfigError("The prompt is empty: give some text.")
@@ -88,7 +92,15 @@ def build_prompt(
     if system:
         messages = [{"role": "system", "content": system}, *messages]
     if chat and has_chat_template(tokenizer):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, **template_kwargs
+            )
+        except TemplateError as e:  # the template's own check of the messages
+            reason = " ".join(str(e).split())
+            raise ConfigError(f"The chat template rejected the messages: {reason}") from None
         if isinstance(ids, Mapping):  # some tokenizers answer a BatchEncoding
             ids = ids["input_ids"]
         return [int(t) for t in ids]
