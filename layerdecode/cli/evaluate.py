@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     "items; 'tensor' splits the model across the ranks, which decode in lockstep. Rank 0 "
     "writes the results either way (see docs/distributed.md). [default: data]",
 )
-@trace_option("of every (item, strategy) pair run now (--resume adds to the trace)")
+@trace_option("of every (item, strategy) pair run now (--resume adds to it)")
 @summary_output_options
 def eval_command(**kwargs: Any) -> None:
     """Measure strategies on reasoning data: accuracy, paired comparison, layers, loops.

@@ -50,9 +50,9 @@ def trace_option(what: str) -> Callable[[Callable], Callable]:
         "--trace",
         type=click.Path(file_okay=False),
         metavar="DIR",
-        help=f"Write one Parquet row per generated token {what} (chosen layer, changed, head "
-        "rows, entropy of every layer read) into this directory, flushed as the run goes "
-        "(see docs/traces.md; needs pip install 'layerdecode[trace]').",
+        help=f"Write a Parquet trace into this directory: one row per generated token {what}, "
+        "with its chosen layer, changed flag, head rows and the entropy of every layer read; "
+        "written as the run goes (needs the 'trace' extra; see docs/traces.md).",
     )
 
 
