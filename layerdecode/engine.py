@@ -17,6 +17,7 @@ as one :class:`TokenEvent`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import time
@@ -186,13 +187,30 @@ class Engine:
         self.waiting.append(row)
         return row.key
 
+    def add_samples(
+        self, prompt: Sequence[int], plans: Sequence[Plan], keys: Sequence[Hashable], **kwargs
+    ) -> None:
+        """Queue one row per plan for the same prompt, prefilled once (``n`` samples).
+
+        ``kwargs`` are :meth:`add`'s; the rows start together, each on a copy of the
+        prompt's caches.
+        """
+        if len(plans) != len(keys) or not plans:
+            raise ConfigError("Give one key per plan, and at least one plan.")
+        self.add(prompt, plans[0], key=keys[0], **kwargs)
+        lead = self.waiting[-1]
+        for plan, key in zip(plans[1:], keys[1:], strict=True):
+            self.add(prompt, plan, key=key, progress=None)
+            lead.twins.append(self.waiting.pop())
+
     def _group(self, plan: Plan) -> Group:
         key = plan.strategy_key()
         group = self.groups.get(key)
         if group is None:
             # Groups no row uses any more are dropped first: a server that sees many
             # strategies keeps only those of its live rows.
-            rows = [*self.rows, *self.waiting, *([self.prefilling] if self.prefilling else [])]
+            rows = [*self.waiting, *([self.prefilling] if self.prefilling else [])]
+            rows += [t for r in rows for t in r.twins] + self.rows
             live = {id(r.group) for r in rows if not r.done}
             self.groups = {k: g for k, g in self.groups.items() if id(g) in live}
             group = self.groups[key] = Group(plan.strategy.strategy, self.facts)
@@ -201,6 +219,8 @@ class Engine:
     def cancel(self, key: Hashable) -> None:
         """End a row (its client went away): it leaves before the next step."""
         self.waiting = [r for r in self.waiting if r.key != key]
+        for row in [*self.waiting, *([self.prefilling] if self.prefilling else [])]:
+            row.twins = [t for t in row.twins if t.key != key]
         if self.prefilling is not None and self.prefilling.key == key:
             self.prefilling = None  # its partial caches go with it
             mx.clear_cache()
@@ -210,8 +230,8 @@ class Engine:
 
     def __len__(self) -> int:
         """Rows waiting, being prefilled or generating."""
-        prefilling = self.prefilling is not None
-        return len(self.waiting) + prefilling + sum(not r.done for r in self.rows)
+        queued = [*self.waiting, *([self.prefilling] if self.prefilling else [])]
+        return sum(1 + len(r.twins) for r in queued) + sum(not r.done for r in self.rows)
 
     def run(self) -> Iterator[list[TokenEvent]]:
         """Step until every row has ended; one list of events per step."""
@@ -334,14 +354,19 @@ class Engine:
             batch.append(self.waiting.pop(0))
             if one_at_a_time:
                 break
-        alone = [r for r in batch if r.prompt_cache is not None]
-        together = [r for r in batch if r.prompt_cache is None]
+        alone = [r for r in batch if r.prompt_cache is not None or r.twins]
+        together = [r for r in batch if r not in alone]
         if len(together) == 1:
             alone, together = alone + together, []
         for row in alone:
             self._start(row)
             self._chunk(row, len(row.prompt))
-        joined = [*ready, *alone]
+        joined = []
+        for row in [*ready, *alone]:  # samples of one prompt start on copies of its caches
+            for twin in row.twins:
+                twin.cache, twin.filled = copy.deepcopy(row.cache), row.filled
+                twin.prefill_seconds = row.prefill_seconds
+            joined += [row, *row.twins]
         caches = [(row.cache, False) for row in joined]
         if together:
             tic = time.perf_counter()

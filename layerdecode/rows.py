@@ -55,6 +55,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     fed: int = 0  # tokens in the row's caches once its step runs
     cancelled: bool = False
+    twins: list[Row] = field(default_factory=list)  # rows of the same prompt, one prefill
     done: bool = False
     prompt_tps: float = 0.0
     tic: float = 0.0

@@ -131,3 +131,25 @@ def test_quantised_caches_run_rows_one_at_a_time_as_mlx_lm_does():
     engine.add(prompts[1], plan(n=3), on_cache=lambda t, c: kept.append(c))
     list(engine.run())
     assert type(kept[0][0]).__name__ == "QuantizedKVCache"
+
+
+def test_samples_of_one_prompt_share_one_prefill(model):
+    (prompt,) = prompts_of_lengths(40, seed=9)
+    chunks = []
+    engine = Engine(model, prefill_step_size=16)
+    seeded = [
+        Plan(resolve_strategy("confident", {"window": 4}),
+             GenerationOptions(max_tokens=6, temp=1.0, seed=s))
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    engine.add_samples(prompt, seeded, ["a", "b", "c"], progress=lambda d, t: chunks.append(d))
+    assert len(engine) == 3
+    rows = collect(engine)
+    assert chunks == [0, 16, 32, 39, 40]  # one prefill, not three
+    for key, p in zip("abc", seeded, strict=True):  # each as if it ran alone
+        alone = Engine(model)
+        alone.add(prompt, p, key=key)
+        assert [t for t, *_ in rows[key]] == [t for t, *_ in collect(alone)[key]]
+    engine.add_samples(prompt, seeded, ["a", "b", "c"])
+    engine.cancel("b")
+    assert len(engine) == 2 and set(collect(engine)) == {"a", "c"}
