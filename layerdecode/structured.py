@@ -150,14 +150,20 @@ def _compile(schema: dict[str, Any], *, strict: bool | None) -> str:
         grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"response_format schema is not valid JSON: {_one_line(e)}.") from None
+    check_grammar(grammar, "response_format schema")
+    return grammar
+
+
+def check_grammar(grammar: str, what: str) -> None:
+    """A ``ConfigError`` naming ``what`` if llguidance cannot compile ``grammar``."""
+    llg = _llguidance()
     failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
         message = _one_line(messages[0] if messages else "rejected")
         hint = ""
         if message.startswith("Unimplemented keys"):
             hint = ' (with "strict": false they are ignored)'
-        raise ConfigError(f"response_format schema is not supported: {message}{hint}.")
-    return grammar
+        raise ConfigError(f"{what} is not supported: {message}{hint}.")
 
 
 def _one_line(message: Any) -> str:

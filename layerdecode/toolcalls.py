@@ -306,6 +306,64 @@ def check_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> ToolCh
     return ToolChoice("required", name)
 
 
+def tool_choice_grammar(
+    fmt: ToolFormat, tools: list[dict[str, Any]] | None, choice: ToolChoice
+) -> str | None:
+    """An llguidance grammar that makes the answer call the tools ``choice`` asks for.
+
+    For ``"required"`` one or more calls of any of the tools, for a named function one call
+    of it, each with arguments of the tool's ``parameters`` schema (keywords the grammar
+    does not implement are ignored). Only for calls written as JSON between the markers
+    (mlx-lm's ``json_tools``: Qwen, Hermes); ``None`` for any other format, and when the
+    choice leaves the model free (``"auto"``, ``"none"``).
+    """
+    json_calls = getattr(fmt.parse, "__module__", "") == "mlx_lm.tool_parsers.json_tools"
+    if choice.mode != "required" or not tools or not json_calls:
+        return None
+    from .structured import JSON_LAYOUT
+
+    chosen = [t["function"] for t in tools if choice.name in (None, t["function"]["name"])]
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in chosen
+    ]
+    body = {"anyOf": calls, "x-guidance": {**JSON_LAYOUT, "lenient": True}}
+    more = "" if choice.name else ' ("\\n" block)*'
+    return (
+        f"start: block{more}\n"
+        f'block: {json.dumps(fmt.start)} "\\n"? call "\\n"? {json.dumps(fmt.end)}\n'
+        f"call: %json {json.dumps(body)}"
+    )
+
+
+def tool_choice_processor(
+    tokenizer: Any, tools: list[dict[str, Any]] | None, choice: ToolChoice
+) -> Any:
+    """A fresh row processor (:class:`~layerdecode.structured.GrammarProcessor`) for
+    :func:`tool_choice_grammar`, or ``None`` where that is ``None``.
+
+    Raises:
+        ConfigError: a tool's ``parameters`` schema cannot be compiled, or llguidance is
+            not installed.
+    """
+    fmt = ToolFormat.of(tokenizer)
+    grammar = None if fmt is None else tool_choice_grammar(fmt, tools, choice)
+    if grammar is None:
+        return None
+    from .structured import GrammarProcessor, check_grammar
+
+    check_grammar(grammar, "tools' parameters")
+    return GrammarProcessor(tokenizer, grammar)
+
+
 def is_tool_message(message: Mapping[str, Any]) -> bool:
     """A ``role: "tool"`` message, or an assistant message that made tool calls."""
     role = message.get("role")

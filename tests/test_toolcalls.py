@@ -23,6 +23,8 @@ from layerdecode.toolcalls import (
     check_tool_message,
     check_tools,
     is_tool_message,
+    tool_choice_grammar,
+    tool_choice_processor,
 )
 
 WEATHER = {
@@ -357,39 +359,60 @@ def test_a_template_that_rejects_the_messages_is_one_line(tools_tokenizer):
         build_prompt(tools_tokenizer, [{"role": "function", "content": "x"}])
 
 
-@pytest.mark.real_model
-def test_a_row_writes_a_call_the_splitter_hands_back(smollm2, tools_tokenizer):
-    """A grammar makes the row call get_weather; its text comes out as one tool call."""
-    import llguidance
+def test_tool_choice_grammar_only_where_a_call_is_required_as_json():
+    tools = check_tools(TOOLS)
+    json_calls = ToolFormat.named("json_tools")
+    assert tool_choice_grammar(json_calls, tools, check_tool_choice("auto", tools)) is None
+    assert tool_choice_grammar(json_calls, tools, check_tool_choice("none", tools)) is None
+    required = check_tool_choice("required", tools)
+    assert tool_choice_grammar(ToolFormat.named("qwen3_coder"), tools, required) is None
+    grammar = tool_choice_grammar(json_calls, tools, required)
+    assert '"const": "get_weather"' in grammar and '"const": "get_time"' in grammar
 
+
+@pytest.mark.real_model
+def test_required_tool_calls_follow_the_tools(tools_tokenizer):
+    import mlx.core as mx
+
+    tok = tools_tokenizer
+    tools = check_tools(TOOLS)
+    answer = (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    )
+
+    def walk(choice, text):
+        processor = tool_choice_processor(tok, tools, check_tool_choice(choice, tools))
+        history = [1]
+        for token in [None, *tok.encode(text, add_special_tokens=False)]:
+            if token is not None:
+                history.append(token)
+            processor(mx.array(history, dtype=mx.int32), mx.zeros((1, len(tok._tokenizer))))
+        return processor
+
+    done = walk("required", answer)
+    assert done.accepting and done.error is None
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert walk(named, answer).error  # one call of get_weather only
+    wrong = answer.replace('"days": 2', '"days": "two"')
+    assert walk("required", wrong).error
+    assert tool_choice_processor(tok, tools, check_tool_choice("auto", tools)) is None
+
+
+@pytest.mark.real_model
+def test_a_row_made_to_call_a_tool_hands_back_the_call(smollm2, tools_tokenizer):
+    """tool_choice names get_weather; the row's text comes out as one call of it."""
     from layerdecode import Engine, GenerationOptions, Plan, resolve_strategy
-    from layerdecode.structured import GrammarProcessor
 
     model, tok = smollm2[0], tools_tokenizer
-    call = {
-        "type": "object",
-        "properties": {
-            "name": {"const": "get_weather"},
-            "arguments": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 20}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-    lark = 'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json ' + json.dumps(call)
-    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    tools = check_tools(TOOLS)
+    choice = check_tool_choice({"type": "function", "function": {"name": "get_weather"}}, tools)
     engine = Engine(model, tok)
-    prompt = build_prompt(tok, "What is the weather in Paris?", tools=check_tools(TOOLS))
+    prompt = build_prompt(tok, "What is the weather in Paris?", tools=choice.template_tools(tools))
+    processors = (tool_choice_processor(tok, tools, choice),)
     options = GenerationOptions.build(max_tokens=48)
-    plan = Plan(
-        resolve_strategy("confident"), options, logits_processors=(GrammarProcessor(tok, grammar),)
-    )
-    engine.add(prompt, plan)
-    splitter = ToolCallSplitter.for_tokenizer(tok, TOOLS)
+    engine.add(prompt, Plan(resolve_strategy("confident"), options, logits_processors=processors))
+    splitter = ToolCallSplitter.for_tokenizer(tok, tools)
     texts, calls, finish = [], [], None
     for events in engine.run():
         for event in events:
@@ -401,6 +424,6 @@ def test_a_row_writes_a_call_the_splitter_hands_back(smollm2, tools_tokenizer):
             texts.append(piece.text)
             calls += piece.calls
     assert "".join(texts) == "" and finish == "tool_calls"
-    (call_made,) = calls
-    assert call_made.name == "get_weather"
-    assert isinstance(json.loads(call_made.arguments)["city"], str)
+    (call,) = calls
+    assert call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)
