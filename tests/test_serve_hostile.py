@@ -319,11 +319,19 @@ def test_sigterm_ends_long_work_within_the_drain_timeout(long_model_dir):
     assert "Traceback" not in s.log, s.log
 
 
-def test_a_second_signal_exits_at_once(long_model_dir):
-    s = LoggedServer(long_model_dir, "--max-tokens-limit", "8000")
+def test_a_waiting_client_that_leaves_and_a_second_signal(long_model_dir):
+    s = LoggedServer(long_model_dir, "--max-batch", "1", "--max-tokens-limit", "8000")
     try:
         conn, response = open_stream(s, {"prompt": "w1", "max_tokens": 8000})
         assert len(read_events(response, 2)) == 2
+        # A request waiting for the one batch slot whose client leaves: out of the queue.
+        waiting = s.connection()
+        waiting.request("POST", "/v1/completions", body=json.dumps({"prompt": "w2"}))
+        s.wait_health("waiting", 1)
+        waiting.close()
+        assert s.wait_health("waiting", 0) < 1.5
+        assert s.health()[1]["running"] == 1
+
         s.proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         assert s.health()[1]["status"] == "draining"
