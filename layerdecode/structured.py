@@ -182,7 +182,7 @@ def grammar_tokenizer(tokenizer: Any) -> Any:
     Built from the Hugging Face tokenizer the wrapper holds, with the wrapper's
     end-of-sequence tokens.
     """
-    llg = _llguidance()
+    _llguidance()
     with _tokenizers_lock:
         found = _tokenizers.get(tokenizer)
         if found is not None:
@@ -197,7 +197,6 @@ def grammar_tokenizer(tokenizer: Any) -> Any:
             raise ConfigError(
                 f"Structured output needs a fast Hugging Face tokenizer: {_one_line(e)}."
             ) from None
-        assert isinstance(found, llg.LLTokenizer)
         _tokenizers[tokenizer] = found
         return found
 
