@@ -201,6 +201,9 @@ def grammar_tokenizer(tokenizer: Any) -> Any:
         return found
 
 
+_START, _REASONING, _ANSWER = "start", "reasoning", "answer"
+
+
 class GrammarProcessor:
     """One row's grammar as an engine logits processor: ``(history, logits) -> logits``.
 
@@ -209,6 +212,10 @@ class GrammarProcessor:
     allows. The mask is as wide as ``logits``: ids past the tokenizer's vocabulary (a padded
     embedding) are never allowed. A token the grammar refused (it cannot be sampled after
     this mask) leaves only the end of sequence, so the row ends; :attr:`error` says why.
+
+    A thinking model (one-token ``<think>`` markers, as mlx-lm finds them) reasons freely
+    first: when the prompt leaves the output inside a think block, or when the model opens
+    one as its first token; the grammar holds from the end of the block on.
     """
 
     def __init__(self, tokenizer: Any, grammar: str) -> None:
@@ -219,6 +226,8 @@ class GrammarProcessor:
             raise ConfigError(f"The grammar is not valid: {_one_line(self.matcher.get_error())}.")
         self.bitmask = np.zeros((1, (self.llg_tokenizer.vocab_size + 31) // 32), dtype=np.int32)
         self.eos = frozenset(self.llg_tokenizer.eos_tokens)
+        self.think = _think_ids(tokenizer)  # (start, end) ids, or None
+        self.part = _ANSWER if self.think is None else _START
         self.seen: int | None = None  # history length at the last call
         self.error: str | None = None
 
@@ -228,15 +237,21 @@ class GrammarProcessor:
         size = history.size
         if self.seen is None:
             self.seen = size  # the prompt
+            if self.think is not None and _opens_think(history.tolist(), self.think):
+                self.part = _REASONING
         elif size > self.seen:
             fresh = history[self.seen :].tolist()
             self.seen = size
             self._consume(fresh)
         elif size < self.seen:
             raise RuntimeError("A GrammarProcessor follows one row: make one per row.")
+        if self.part == _REASONING:
+            return logits
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
         width = logits.shape[-1]
         bits = np.unpackbits(self.bitmask.view(np.uint8), count=width, bitorder="little")
+        if self.part == _START and self.think[0] < width:
+            bits[self.think[0]] = 1  # the answer may start with a think block
         allowed = mx.array(bits, dtype=mx.bool_)
         masked = mx.where(allowed, logits, -mx.inf)
         # A strategy may have cut every allowed token to -inf (DoLa keeps only tokens near
@@ -247,6 +262,15 @@ class GrammarProcessor:
 
     def _consume(self, tokens: list[int]) -> None:
         for token in tokens:
+            if self.part == _START:
+                if token == self.think[0]:
+                    self.part = _REASONING
+                    continue
+                self.part = _ANSWER  # the answer's first token
+            elif self.part == _REASONING:
+                if token == self.think[1]:
+                    self.part = _ANSWER
+                continue
             if self.matcher.is_stopped() and token in self.eos:
                 continue  # the row's end, read again by the step built before it ended
             if not self.matcher.consume_token(token) and self.error is None:
@@ -256,6 +280,23 @@ class GrammarProcessor:
     def accepting(self) -> bool:
         """Whether the tokens so far are a whole answer of the grammar."""
         return self.matcher.is_accepting()
+
+
+def _think_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of a one-token ``<think>`` and ``</think>``, if the tokenizer has them."""
+    if not getattr(tokenizer, "has_thinking", False):
+        return None
+    start, end = tokenizer.think_start_tokens, tokenizer.think_end_tokens
+    if len(start) != 1 or len(end) != 1:
+        return None  # markers of several tokens: the grammar holds from the start
+    return start[0], end[0]
+
+
+def _opens_think(prompt: list[int], think: tuple[int, int]) -> bool:
+    """Whether the prompt ends inside a think block (its template opened one)."""
+    starts = [i for i, t in enumerate(prompt) if t == think[0]]
+    ends = [i for i, t in enumerate(prompt) if t == think[1]]
+    return bool(starts) and (not ends or starts[-1] > ends[-1])
 
 
 def response_format_processor(

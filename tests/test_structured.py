@@ -229,6 +229,49 @@ def test_one_processor_per_row(smollm2):
         processor(mx.array([1], dtype=mx.int32), mx.zeros((1, 8)))
 
 
+@pytest.fixture(scope="module")
+def think_tokenizer(smollm2, tmp_path_factory):
+    """SmolLM2's tokenizer with one-token <think> and </think> (mlx-lm finds them)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("think-tokenizer")
+    smollm2[1]._tokenizer.save_pretrained(folder)
+    hf = AutoTokenizer.from_pretrained(folder)
+    hf.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    hf.save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.mark.real_model
+def test_a_thinking_model_reasons_before_the_grammar_holds(think_tokenizer):
+    tok = think_tokenizer
+    start, end = tok.think_start_id, tok.think_end_id
+    eos, width = set(tok.eos_token_ids), len(tok._tokenizer)
+    brace = tok.encode("{", add_special_tokens=False)[0]
+    answer = tok.encode('{"a": 1}', add_special_tokens=False)
+    processor = response_format_processor(tok, {"type": "json_object"})
+    history = [1, 2, 3]
+    first = allowed_ids(processor, history, width)
+    assert {start, brace} <= first and not first & ({end} | eos)
+    history.append(start)
+    assert len(allowed_ids(processor, history, width)) == width  # reasoning: free
+    history += [*tok.encode("JSON, then.", add_special_tokens=False), end]
+    after = allowed_ids(processor, history, width)
+    assert brace in after and not after & ({start, end} | eos)
+    history += answer
+    assert allowed_ids(processor, history, width) == eos
+    assert processor.accepting and processor.error is None
+
+    opened = response_format_processor(tok, {"type": "json_object"})
+    assert len(allowed_ids(opened, [1, start], width)) == width  # the prompt opened it
+    at_once = response_format_processor(tok, {"type": "json_object"})
+    history = [1, 2, 3]
+    allowed_ids(at_once, history, width)
+    assert allowed_ids(at_once, history + answer, width) == eos
+    assert at_once.error is None
+
+
 # -- decoding under a grammar ----------------------------------------------------------------
 
 QUESTIONS = [
