@@ -105,3 +105,30 @@ def build_prompt(
             ids = ids["input_ids"]
         return [int(t) for t in ids]
     return encode_prompt(tokenizer, _text_of(messages)).tolist()
+
+
+def with_chat_template(tokenizer: Any, template: str) -> Any:
+    """``tokenizer`` (mlx-lm's ``TokenizerWrapper``) with another chat template: a Jinja
+    template, or the path of a file holding one. mlx-lm reads the template again for the
+    model family's tool-call markers and parser, as when it loads a model's tokenizer."""
+    import os
+    import tempfile
+
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+    if "{" not in template:
+        raise ConfigError(
+            f"--chat-template: {template[:60]!r} is neither a file nor a Jinja template."
+        )
+    hf = tokenizer._tokenizer
+    before = hf.chat_template
+    with tempfile.TemporaryDirectory() as folder:
+        hf.chat_template = template
+        try:
+            hf.save_pretrained(folder)
+        finally:
+            hf.chat_template = before
+        return load_tokenizer(folder, eos_token_ids=list(tokenizer.eos_token_ids))

@@ -284,7 +284,7 @@ BAD = [
     ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": CHAT, "max_tokens": 10_000}, 400, "max_tokens"),
     ({"messages": CHAT, "max_completion_tokens": 65}, 400, "max_completion_tokens"),
-    ({"messages": CHAT, "n": 2}, 400, "n"),
+    ({"messages": CHAT, "n": 17}, 400, "n"),
     ({"messages": CHAT, "temperature": -1}, 400, "temperature"),
     ({"messages": CHAT, "strategy": "nope"}, 400, "strategy"),
     ({"messages": CHAT, "strategy": "strategies/confident-half.yaml"}, 400, "strategy"),

@@ -81,6 +81,7 @@ def _template_kwargs(ctx: click.Context, param: click.Parameter, value: str | No
 
 chat_template_option = click.option(
     "--chat-template-kwargs",
+    "--chat-template-args",  # mlx_lm.server's name for it
     "chat_template_kwargs",
     metavar="JSON",
     callback=_template_kwargs,

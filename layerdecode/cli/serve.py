@@ -84,6 +84,42 @@ def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1)
     1 << 20,
     "Prompt tokens per forward pass while prefilling; running streams step between chunks.",
 )
+@limit_option(
+    "--prompt-cache-size",
+    10,
+    100_000,
+    "Finished requests whose caches are kept, so that a prompt sharing a prefix with one "
+    "(the next turn of a chat) prefills only the rest (0: none).",
+    low=0,
+)
+@click.option(
+    "--prompt-cache-bytes",
+    type=click.IntRange(1, None),
+    metavar="BYTES",
+    help="Bound the kept caches' total size too (default: only their number).",
+)
+@click.option(
+    "--kv-bits",
+    type=click.IntRange(2, 8),
+    metavar="BITS",
+    help="Quantise the KV caches to this many bits (mlx-lm's quantised cache; 4 or 8). "
+    "Such caches cannot be batched: requests then decode one at a time, as in mlx_lm.server.",
+)
+@limit_option("--kv-group-size", 64, 1024, "Group size of the KV cache quantisation.")
+@limit_option(
+    "--quantized-kv-start",
+    5000,
+    1 << 30,
+    "Quantise a request's KV cache once it holds this many tokens.",
+    low=0,
+)
+@click.option(
+    "--allowed-origins",
+    metavar="ORIGINS",
+    default="",
+    help="Comma-separated origins browser pages may call the API from (CORS), or '*'. "
+    "Default: none.",
+)
 @click.option(
     "--api-key",
     envvar="LAYERDECODE_API_KEY",
@@ -99,6 +135,12 @@ def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1)
     "'model'. Requests can name no other model.",
 )
 @chat_template_option
+@click.option(
+    "--chat-template",
+    metavar="TEMPLATE|FILE",
+    help="Use this Jinja chat template (or the file holding it) instead of the tokenizer's; "
+    "its tool-call markers are read from it, as mlx-lm does.",
+)
 @click.option(
     "--log-level",
     default="warning",
@@ -126,7 +168,10 @@ def serve_command(**kwargs: Any) -> None:
             f"The server needs the 'serve' extra ({e.name} is missing): "
             "pip install 'layerdecode[serve]'."
         ) from None
+    from layerdecode.errors import ConfigError
     from layerdecode.loading import DEFAULT_MODEL
+    from layerdecode.prompts import with_chat_template
+    from layerdecode.serve.prompt_cache import PromptCache
     from layerdecode.serve.schemas import ApiError, resolve_request_strategy
 
     try:  # a bad default fails now, not at the first request
@@ -147,7 +192,13 @@ def serve_command(**kwargs: Any) -> None:
         model_id = Path(name).name if os.path.exists(name) else name
         if model_id in models:
             model_id = name
-        models[model_id] = load_model(name, kwargs["dtype"])
+        model, tokenizer = load_model(name, kwargs["dtype"])
+        if kwargs["chat_template"]:
+            try:
+                tokenizer = with_chat_template(tokenizer, kwargs["chat_template"])
+            except ConfigError as e:
+                raise click.BadParameter(str(e), param_hint="'--chat-template'") from None
+        models[model_id] = model, tokenizer
         aliases[name] = model_id
     model_id = next(iter(models))
     config = ServerConfig(
@@ -159,13 +210,23 @@ def serve_command(**kwargs: Any) -> None:
         chat_template_kwargs=kwargs["chat_template_kwargs"] or {},
         max_prompt_tokens=kwargs["max_prompt_tokens"],
         drain_timeout=kwargs["drain_timeout"],
+        allowed_origins=tuple(o.strip() for o in kwargs["allowed_origins"].split(",") if o.strip()),
     )
+    engine_options = {}
+    if kwargs["kv_bits"] is not None:
+        engine_options = {
+            "kv_bits": kwargs["kv_bits"],
+            "kv_group_size": kwargs["kv_group_size"],
+            "quantized_kv_start": kwargs["quantized_kv_start"],
+        }
     worker = Worker(
         models,
         max_batch=kwargs["max_batch"],
         max_queue=kwargs["max_queue"],
         queue_timeout=kwargs["queue_timeout"] or None,
         prefill_step_size=kwargs["prefill_step_size"],
+        prompt_cache=PromptCache(kwargs["prompt_cache_size"], kwargs["prompt_cache_bytes"]),
+        engine_options=engine_options,
     )
     app = create_app(worker, config)
     server = draining_server(uvicorn, worker, kwargs["drain_timeout"])(

@@ -31,13 +31,18 @@ from layerdecode.registry import list_strategies
 
 from ..config import preset_registry  # preset names, without reading every preset file
 from ..engine import TokenEvent
-from ..layerstats import layer_stats
+from ..structured import response_format_processor
+from ..toolcalls import check_tool_choice, check_tools, tool_choice_processor
+from .answer import Answer
 from .limits import fit_prompt, parse_json
 from .schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     check_messages,
+    check_token_ids,
+    completion_prompts,
+    merge_bodies,
     parse,
     request_options,
     resolve_request_strategy,
@@ -60,6 +65,7 @@ class ServerConfig:
     max_prompt_tokens: int | None = None  # None: the model's context is the limit
     drain_timeout: float = 30.0  # seconds the requests in flight may take after a stop
     tokenisers: int = 2  # prompts tokenised at once, off the event loop
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins allowed to call from a browser
 
 
 class Disconnected(Exception):
@@ -144,18 +150,60 @@ class Handlers:
         req = parse(ChatRequest, await self.read_json(request))
         messages = check_messages(req.messages)
         template = req.template_kwargs(self.config.chat_template_kwargs)
-        return await self.complete(request, req, messages, chat=True, template=template)
+        try:
+            tools = check_tools(req.tools)
+            choice = check_tool_choice(req.tool_choice, tools)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="tools") from None
+        return await self.complete(
+            request, req, [messages], chat=True, template=template, tools=tools, choice=choice
+        )
 
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
         self.check_open()
         req = parse(CompletionRequest, await self.read_json(request))
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "Give one prompt: a list of prompts is not supported.")
-            prompt = prompt[0]
-        return await self.complete(request, req, prompt, chat=False)
+        prompts = completion_prompts(req.prompt)
+        if req.stream and len(prompts) > 1:
+            raise ApiError(400, "Stream one prompt at a time (or send the list unstreamed).",
+                           param="prompt")  # fmt: skip
+        return await self.complete(request, req, prompts, chat=False)
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """The default model's tokenizer, as vLLM describes it (lm-eval's remote tokenizer)."""
+        self.check_key(request)
+        tokenizer = self.worker.models[self.default_model][1]
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        return JSONResponse(
+            {
+                "eos_token": hf.eos_token,
+                "bos_token": hf.bos_token,
+                "pad_token": hf.pad_token,
+                "chat_template": getattr(hf, "chat_template", None),
+                "model": self.default_model,
+            }
+        )
+
+    async def tokenize(self, request: Request) -> Response:
+        self.check_key(request)
+        body = await self.read_json(request)
+        text = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise ApiError(400, "Give the text to tokenize as 'prompt'.", param="prompt")
+        model = self.model_of(body.get("model"))
+        hf = getattr(self.worker.models[model][1], "_tokenizer", None)
+        special = bool(body.get("add_special_tokens", True))
+        ids = await asyncio.to_thread(hf.encode, text, add_special_tokens=special)
+        return JSONResponse({"tokens": ids, "count": len(ids)})
+
+    async def detokenize(self, request: Request) -> Response:
+        self.check_key(request)
+        body = await self.read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        model = self.model_of(body.get("model") if isinstance(body, dict) else None)
+        tokenizer = self.worker.models[model][1]
+        check_token_ids(tokens, tokenizer, "tokens")
+        return JSONResponse({"prompt": tokenizer.decode(tokens)})
 
     async def playground(self, request: Request) -> Response:
         """The playground page (static; its requests carry the API key when one is set)."""
@@ -172,59 +220,138 @@ class Handlers:
 
     # --- generation ---------------------------------------------------------------
     async def complete(
-        self, request: Request, req: Any, prompt: Any, *, chat: bool, template: Any = None
+        self,
+        request: Request,
+        req: Any,
+        prompts: list[Any],
+        *,
+        chat: bool,
+        template: Any = None,
+        tools: Any = None,
+        choice: Any = None,
     ) -> Response:
         model = self.model_of(req.model)
         tokenizer = self.worker.models[model][1]
         resolved = resolve_request_strategy(req.strategy, req.strategy_params, self.config.strategy)
         options = request_options(req, resolved, self.config.max_tokens_limit)
         param = "messages" if chat else "prompt"
-        try:
-            async with self.tokenising:  # a long prompt takes a while: not on the event loop
-                ids = await asyncio.to_thread(
-                    build_prompt, tokenizer, prompt, chat=chat, chat_template_kwargs=template
-                )
-        except ConfigError as e:
-            raise ApiError(400, str(e), param=param) from None
-        options = fit_prompt(
-            len(ids),
-            options,
-            asked=req.asked_tokens(),
-            context=self.worker.contexts[model],
-            max_prompt_tokens=self.config.max_prompt_tokens,
-            param=param,
-        )
         loop = asyncio.get_running_loop()
-        job = Job(ids, model, resolved, options, req.wanted_logprobs(), loop)
-        self.worker.submit(job)
-        answer = Answer(self, job, req, chat=chat)
+        jobs = []
+        for prompt in prompts:
+            ids = await self.prompt_ids(tokenizer, prompt, chat, template, tools, choice, param)
+            fitted = fit_prompt(
+                len(ids),
+                options,
+                asked=req.asked_tokens(),
+                context=self.worker.contexts[model],
+                max_prompt_tokens=self.config.max_prompt_tokens,
+                param=param,
+            )
+            processors = await self.processors(req, tokenizer, tools, choice)
+            echo = getattr(req, "echo", False)
+            jobs.append(
+                Job(ids, model, resolved, fitted, req.wanted_logprobs(), loop, n=req.n,
+                    processors=processors, echo=(req.logprobs or 0) if echo else None)
+            )  # fmt: skip
+        answers = [Answer(job, tokenizer, chat=chat, tools=tools) for job in jobs]
+        for job in jobs:
+            self.worker.submit(job)
         try:
-            first = await self.next_events(request, job)
+            if req.stream:
+                first = await self.next_events(request, jobs[0])
         except BaseException:
-            self.worker.cancel(job)
+            for job in jobs:
+                self.worker.cancel(job)
             raise
         if req.stream:
             return StreamingResponse(
-                answer.stream(request, first),
+                self.stream(request, answers[0], req, first),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        events = first
-        checked = time.monotonic()
+        bodies = []
         try:
-            while not events[-1].finish_reason:
-                events += await self.next_events(request, job)
-                if time.monotonic() - checked > 0.5:  # nothing is sent: ask whether it left
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        raise Disconnected()
+            for job, answer in zip(jobs, answers, strict=True):
+                bodies.append(answer.whole(await self.collect(request, job)))
         finally:
-            if not (events and events[-1].finish_reason):
-                self.worker.cancel(job)
-        return JSONResponse(answer.whole(events))
+            for job in jobs:
+                if not job.finished:
+                    self.worker.cancel(job)
+        return JSONResponse(merge_bodies(bodies, req.n))
 
-    async def next_events(self, request: Request, job: Job) -> list[TokenEvent]:
-        """The events the generation thread has sent (at least one), or its error.
+    async def prompt_ids(self, tokenizer, prompt, chat, template, tools, choice, param):
+        """A prompt's token ids: given as ids (checked), or built (off the event loop)."""
+        if isinstance(prompt, list) and not chat:
+            return check_token_ids(prompt, tokenizer, param)
+        kwargs: dict[str, Any] = {"chat": chat, "chat_template_kwargs": template}
+        if tools is not None and choice is not None:
+            kwargs["tools"] = choice.template_tools(tools)
+        try:
+            async with self.tokenising:  # a long prompt takes a while: not on the event loop
+                return await asyncio.to_thread(build_prompt, tokenizer, prompt, **kwargs)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    async def processors(self, req, tokenizer, tools, choice) -> list[tuple[Any, ...]]:
+        """Each sample's grammar processors: its response_format, or the calls its
+        tool_choice requires (one fresh processor per sample: they follow their row)."""
+        fmt = getattr(req, "response_format", None)
+        if fmt is None and (tools is None or choice is None or choice.mode != "required"):
+            return []
+
+        def make() -> list[tuple[Any, ...]]:
+            out = []
+            for _ in range(req.n):
+                if fmt is not None:
+                    made = response_format_processor(tokenizer, fmt)
+                else:
+                    made = tool_choice_processor(tokenizer, tools, choice)
+                out.append(() if made is None else (made,))
+            return out
+
+        try:
+            return await asyncio.to_thread(make)
+        except ConfigError as e:
+            field = "response_format" if fmt is not None else "tool_choice"
+            raise ApiError(400, str(e), param=field) from None
+
+    async def collect(self, request: Request, job: Job) -> list[Any]:
+        """Everything the job sends until its samples have all ended."""
+        items: list[Any] = []
+        checked = time.monotonic()
+        while not job.finished:
+            items += await self.next_events(request, job)
+            if time.monotonic() - checked > 0.5:  # nothing is sent: ask whether it left
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise Disconnected()
+        return items
+
+    async def stream(
+        self, request: Request, answer: Answer, req: Any, first: list[Any]
+    ) -> AsyncIterator[str]:
+        job, items = answer.job, first
+        finished = False
+        try:
+            yield _sse(answer.chunk(items, first=True))
+            while not job.finished:
+                items = await self.next_events(request, job)
+                yield _sse(answer.chunk(items, first=False))
+            finished = True
+            if req.include_usage():
+                yield _sse(answer.envelope([], usage=answer.usage()))
+        except ApiError as e:
+            finished = True
+            yield _sse(e.body())
+        except Disconnected:
+            return
+        finally:
+            if not finished:
+                self.worker.cancel(job)
+        yield "data: [DONE]\n\n"
+
+    async def next_events(self, request: Request, job: Job) -> list[Any]:
+        """What the generation thread has sent (at least one item), or its error.
 
         While nothing comes, asks about once a second whether the client left, and ends the
         job if it has waited in the queue past ``--queue-timeout``.
@@ -239,14 +366,16 @@ class Handlers:
                     raise self.queue_timeout(job) from None
                 if await request.is_disconnected():
                     raise Disconnected() from None
-        events: list[TokenEvent] = []
+        items: list[Any] = []
         for item in [first, *_pending(job.events)]:
             if isinstance(item, ApiError):
                 raise item
-            events.append(item)
-            if item.finish_reason is not None:  # anything after the last token is moot
-                break
-        return events
+            items.append(item)
+            if isinstance(item, TokenEvent) and item.finish_reason is not None:
+                job.ended += 1
+                if job.finished:  # anything after the last token is moot
+                    break
+        return items
 
     def queue_timeout(self, job: Job) -> ApiError:
         limit = self.worker.queue_timeout
@@ -290,161 +419,6 @@ _PAGE_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "connect-src 'self'; img-src 'self' data:"
 )
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-class Answer:
-    """One request's answer, whole or as server-sent events, in OpenAI's shapes."""
-
-    def __init__(self, handlers: Handlers, job: Job, req: Any, *, chat: bool) -> None:
-        self.h = handlers
-        self.job = job
-        self.req = req
-        self.chat = chat
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job.id}"
-        self.created = _now()
-        self.tokenizer = handlers.worker.models[job.model][1]
-        self.count = 0
-        self.layers: list[int] = []
-        self.num_layers = 0
-
-    def kept(self, events: list[TokenEvent]) -> list[TokenEvent]:
-        """The events of output tokens (an end-of-sequence token is not output)."""
-        return [e for e in events if e.in_output]
-
-    def extension(
-        self, events: list[TokenEvent], *, summary: bool, pieces: bool = False
-    ) -> dict[str, Any]:
-        kept = self.kept(events)
-        out: dict[str, Any] = {
-            "layers": [e.layer for e in kept],
-            "entropies": [round(e.entropy, 4) for e in kept],
-            "parts": [e.part for e in kept],
-        }
-        if pieces:  # the text each token released, to colour it (streams only)
-            out["pieces"] = [e.reasoning + e.text for e in kept]
-            out["num_layers"] = events[-1].num_layers
-        if summary:
-            resolved = self.job.resolved
-            share = layer_stats(self.layers, self.num_layers - 1)[0] or 0.0
-            out = {
-                "strategy": resolved.label,
-                "params": resolved.strategy.resolved_params(),
-                "num_layers": self.num_layers,
-                **out,
-                "non_final_share": round(share, 4),
-            }
-        return out
-
-    def logprobs(self, events: list[TokenEvent]) -> dict[str, Any] | None:
-        if self.job.logprobs is None:
-            return None
-        decode = self.tokenizer.decode
-        kept = self.kept(events)
-        if self.chat:
-            content = []
-            for e in kept:
-                text = decode([e.token])
-                content.append(
-                    {
-                        "token": text,
-                        "logprob": e.logprob,
-                        "bytes": list(text.encode()),
-                        "top_logprobs": [
-                            {"token": (t := decode([i])), "logprob": lp, "bytes": list(t.encode())}
-                            for i, lp in e.top_logprobs or []
-                        ],
-                    }
-                )
-            return {"content": content}
-        return {
-            "tokens": [decode([e.token]) for e in kept],
-            "token_logprobs": [e.logprob for e in kept],
-            "top_logprobs": [{decode([i]): lp for i, lp in e.top_logprobs or []} for e in kept],
-        }
-
-    def track(self, events: list[TokenEvent]) -> None:
-        kept = self.kept(events)
-        self.count += len(kept)
-        self.layers += [e.layer for e in kept]
-        self.num_layers = events[-1].num_layers
-
-    def usage(self, events: list[TokenEvent]) -> dict[str, int]:
-        prompt = events[-1].prompt_tokens if events else len(self.job.prompt)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.count,
-            "total_tokens": prompt + self.count,
-        }
-
-    def whole(self, events: list[TokenEvent]) -> dict[str, Any]:
-        self.track(events)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": events[-1].finish_reason}
-        choice.update(self.output(events, key="message", role=True))
-        choice["logprobs"] = self.logprobs(events)
-        choice["layerdecode"] = self.extension(events, summary=True)
-        return {
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.job.model,
-            "choices": [choice],
-            "usage": self.usage(events),
-        }
-
-    def output(self, events: list[TokenEvent], *, key: str, role: bool) -> dict[str, Any]:
-        """The answer text of ``events`` and their reasoning, if any, in the choice's shape:
-        under ``key`` (message, delta) for chat, as ``text`` and ``reasoning`` otherwise."""
-        body: dict[str, Any] = {"role": "assistant"} if role and self.chat else {}
-        body["content" if self.chat else "text"] = "".join(e.text for e in events)
-        reasoning = "".join(e.reasoning for e in events)
-        if reasoning:  # as mlx_lm.server: only when there is some
-            body["reasoning"] = reasoning
-        return {key: body} if self.chat else body
-
-    def chunk(self, events: list[TokenEvent], *, first: bool) -> dict[str, Any]:
-        self.track(events)
-        finish = events[-1].finish_reason
-        choice: dict[str, Any] = {"index": 0}
-        choice.update(self.output(events, key="delta", role=first))
-        choice["finish_reason"] = finish
-        choice["logprobs"] = self.logprobs(events)
-        choice["layerdecode"] = self.extension(events, summary=finish is not None, pieces=True)
-        return self.envelope([choice])
-
-    def envelope(self, choices: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.job.model,
-            "choices": choices,
-            **more,
-        }
-
-    async def stream(self, request: Request, first: list[TokenEvent]) -> AsyncIterator[str]:
-        events = first
-        finished = False
-        try:
-            yield _sse(self.chunk(events, first=True))
-            while not events[-1].finish_reason:
-                events = await self.h.next_events(request, self.job)
-                yield _sse(self.chunk(events, first=False))
-            finished = True
-            if self.req.include_usage():
-                yield _sse(self.envelope([], usage=self.usage(events)))
-        except ApiError as e:
-            finished = True
-            yield _sse(e.body())
-        except Disconnected:
-            return
-        finally:
-            if not finished:
-                self.h.worker.cancel(self.job)
-        yield "data: [DONE]\n\n"
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -496,6 +470,9 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
         Route("/v1/models", h.models, methods=["GET"]),
         Route("/v1/chat/completions", h.chat, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/tokenizer_info", h.tokenizer_info, methods=["GET"]),
+        Route("/tokenize", h.tokenize, methods=["POST"]),
+        Route("/detokenize", h.detokenize, methods=["POST"]),
     ]
     handlers: dict[Any, Any] = {
         ApiError: _api_error,
@@ -504,4 +481,19 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
         ClientDisconnect: _disconnected,
         Exception: _unexpected,
     }
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = []
+    if config.allowed_origins:  # CORS for browser front-ends, none unless asked for
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.allowed_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+            )
+        )
+    return Starlette(
+        routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware
+    )

@@ -22,9 +22,21 @@ from ..config import preset_registry  # preset names, without reading every pres
 from ..errors import did_you_mean
 from ..prompts import check_template_kwargs
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 # GenerationOptions a request may set under their own names, beside OpenAI's fields.
-EXTRA_OPTIONS = ("top_k", "min_p", "repetition_penalty", "repetition_context_size")
+EXTRA_OPTIONS = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+    "presence_penalty",
+    "presence_context_size",
+    "frequency_penalty",
+    "frequency_context_size",
+    "logit_bias",
+)
+MAX_N = 16  # samples per request
+MAX_PROMPTS = 64  # prompts in one completions request
 
 # The sizes a request's fields may have: a body within --max-body-bytes can still hold more
 # than any client needs, and each of these costs work (or an echo in an error) per item.
@@ -81,6 +93,9 @@ class Message(BaseModel):
 
     role: str = Field(max_length=MAX_NAME_CHARS)
     content: str | list[TextPart] | None = None
+    tool_calls: list[Any] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -107,13 +122,19 @@ class CommonRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     strategy: str | None = Field(None, max_length=MAX_NAME_CHARS)
     strategy_params: dict[str, Any] | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     repetition_context_size: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_context_size: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_context_size: int | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)  # OpenAI's own bound
+    response_format: dict[str, Any] | None = None
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -154,7 +175,8 @@ class ChatRequest(CommonRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = Field(None, max_length=MAX_TOOLS)  # bounded, not used
+    tools: list[Any] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Any = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -174,7 +196,8 @@ class ChatRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: str | list[str] = Field(min_length=1)
+    # Text, texts, token ids, or lists of token ids (as lm-eval's local-completions sends).
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -198,10 +221,20 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         raise ApiError(400, f"Invalid field '{loc}': {message}.", param=param) from None
 
 
-def check_messages(messages: list[Message]) -> list[dict[str, str]]:
-    """Chat messages as plain dicts; an unknown role is a 400."""
+def check_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Chat messages as plain dicts; an unknown role is a 400. Tool results and assistant
+    messages with tool calls are checked and shaped as chat templates read them."""
+    from ..toolcalls import check_tool_message, is_tool_message
+
     out = []
     for i, message in enumerate(messages):
+        raw = message.model_dump(exclude_none=True)
+        if is_tool_message(raw):
+            try:
+                out.append(check_tool_message(i, raw))
+            except ConfigError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            continue
         if message.role not in ROLES:
             raise ApiError(
                 400,
@@ -235,8 +268,6 @@ def resolve_request_strategy(name: str | None, params: dict[str, Any] | None, de
 
 def request_options(request: CommonRequest, resolved: Any, max_tokens_limit: int):
     """The request's GenerationOptions over the strategy preset's, with the budget checked."""
-    if request.n != 1:
-        raise ApiError(400, f"n={request.n} is not supported: only n=1 is.", param="n")
     budget = getattr(request, "max_completion_tokens", None) or request.max_tokens
     param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else None
     param = param or "max_tokens"
@@ -264,3 +295,56 @@ def request_options(request: CommonRequest, resolved: Any, max_tokens_limit: int
     if limit == -1 or limit > max_tokens_limit:
         options = GenerationOptions.build(options, max_tokens=max_tokens_limit)
     return options
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A completions request's prompts: texts, or token ids (a list of ints, or of lists)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    prompts = list(prompt)
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(
+            400, f"Give at most {MAX_PROMPTS} prompts, not {len(prompts)}.", param="prompt"
+        )
+    if any(not p for p in prompts):
+        raise ApiError(400, "A prompt is empty: give some text or token ids.", param="prompt")
+    return prompts
+
+
+def check_token_ids(tokens: Any, tokenizer: Any, param: str) -> list[int]:
+    """Token ids a request gave, each in the tokenizer's vocabulary."""
+    vocab = len(getattr(tokenizer, "_tokenizer", tokenizer))
+    if not isinstance(tokens, list) or not tokens:
+        raise ApiError(400, f"Give '{param}' as a non-empty list of token ids.", param=param)
+    for token in tokens:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+            raise ApiError(
+                400,
+                f"Token id {token!r} in '{param}' is not in this model's vocabulary "
+                f"(0..{vocab - 1}).",
+                param=param,
+            )
+    return tokens
+
+
+def merge_bodies(bodies: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The answers to a request's prompts as one: choice ``i * n + j`` is prompt ``i``'s
+    sample ``j``, and the usage adds up."""
+    if len(bodies) == 1:
+        return bodies[0]
+    merged = dict(bodies[0])
+    merged["choices"] = [
+        {**choice, "index": i * n + choice["index"]}
+        for i, body in enumerate(bodies)
+        for choice in body["choices"]
+    ]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    cached = 0
+    for body in bodies:
+        for key in usage:
+            usage[key] += body["usage"][key]
+        cached += body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    merged["usage"] = {**usage, "prompt_tokens_details": {"cached_tokens": cached}}
+    return merged

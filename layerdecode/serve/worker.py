@@ -23,19 +23,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ResolvedStrategy
-from ..engine import Engine, Plan, TokenEvent
+from ..engine import Engine, LogitsProcessor, Plan, TokenEvent
 from ..errors import ConfigError
 from ..options import GenerationOptions
 from .limits import context_length
+from .prompt_cache import PromptCache
 from .schemas import ApiError
 
 log = logging.getLogger("layerdecode.serve")
 _ids = itertools.count(1)
 
 
+@dataclass
+class PromptScores:
+    """The prompt's tokens scored under the request's strategy (``echo`` with logprobs):
+    the first token has no log-probability."""
+
+    tokens: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
 @dataclass(eq=False)
 class Job:
-    """One request: prompt ids, resolved strategy and options, and where tokens go."""
+    """One request: prompt ids, resolved strategy and options, and where tokens go.
+
+    ``n`` samples decode the prompt (one prefill); their events carry ``(job id, index)``
+    as their row. ``processors`` gives each sample its own logits processors (a grammar
+    keeps per-row state). ``echo``: score the prompt first, with that many alternatives.
+    """
 
     prompt: list[int]
     model: str
@@ -43,13 +59,35 @@ class Job:
     options: GenerationOptions
     logprobs: int | None
     loop: asyncio.AbstractEventLoop
+    n: int = 1
+    processors: list[tuple[LogitsProcessor, ...]] = field(default_factory=list)
+    echo: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # its answer is over: the engine drops its row, no more events
+    left: int = 0  # samples still generating (the generation thread's count)
+    ended: int = 0  # samples whose last token the event loop has received
 
-    def plan(self) -> Plan:
-        return Plan(self.resolved, self.options, logprobs=self.logprobs)
+    @property
+    def finished(self) -> bool:
+        return self.ended >= self.n
+
+    def plans(self) -> list[Plan]:
+        """One plan per sample: a seeded request's samples draw from seed, seed + 1..."""
+        plans = []
+        for i in range(self.n):
+            options = self.options
+            if i and options.seed is not None:
+                options = GenerationOptions.build(options, seed=options.seed + i)
+            processors = self.processors[i] if i < len(self.processors) else ()
+            plan = Plan(self.resolved, options, logits_processors=processors,
+                        logprobs=self.logprobs)  # fmt: skip
+            plans.append(plan)
+        return plans
+
+    def row_keys(self) -> list[tuple[int, int]]:
+        return [(self.id, i) for i in range(self.n)]
 
     def send(self, item: TokenEvent | ApiError) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -62,6 +100,8 @@ class Worker:
     default. At most ``max_batch`` jobs generate at once, over all models. A job that waits
     in the queue longer than ``queue_timeout`` seconds (``None``: no limit) is ended by
     :meth:`expire`; ``prefill_step_size`` is the engines' prompt tokens per forward pass.
+    Finished requests' caches are kept in ``prompt_cache`` for later prompts that share a
+    prefix; ``engine_options`` go to each :class:`~layerdecode.engine.Engine`.
     """
 
     def __init__(
@@ -72,6 +112,8 @@ class Worker:
         max_queue: int = 64,
         queue_timeout: float | None = None,
         prefill_step_size: int = 2048,
+        prompt_cache: PromptCache | None = None,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         if not models:
             raise ValueError("serve at least one model")
@@ -81,6 +123,8 @@ class Worker:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.prefill_step_size = prefill_step_size
+        self.prompt_cache = prompt_cache or PromptCache(0)
+        self.engine_options = engine_options or {}  # kv_bits...
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}
         self.engines: dict[str, Engine] = {}
@@ -190,6 +234,7 @@ class Worker:
             "running": len(jobs) - waiting,
             "waiting": waiting,
             "oldest_age_s": round(oldest, 1),
+            "prompt_cache": self.prompt_cache.stats(),
         }
 
     def _run(self) -> None:
@@ -227,7 +272,7 @@ class Worker:
         if engine is None:
             model, tokenizer = self.models[name]
             engine = self.engines[name] = Engine(
-                model, tokenizer, prefill_step_size=self.prefill_step_size
+                model, tokenizer, prefill_step_size=self.prefill_step_size, **self.engine_options
             )
         return engine
 
@@ -235,7 +280,18 @@ class Worker:
         error = None
         if not job.cancelled:
             try:
-                self._engine(job.model).add(job.prompt, job.plan(), key=job.id)
+                engine = self._engine(job.model)
+                if job.echo is not None and job.logprobs is not None:
+                    job.send(score_prompt(engine, job))
+                cache, cached = self.prompt_cache.fetch(job.model, job.prompt)
+                model = job.model
+
+                def keep(tokens: list[int], kept: list[Any]) -> None:
+                    self.prompt_cache.keep(model, tokens, kept)
+
+                job.left = job.n
+                engine.add_samples(job.prompt, job.plans(), job.row_keys(), prompt_cache=cache,
+                                   cached=cached, on_cache=keep)  # fmt: skip
                 return
             except ConfigError as e:
                 error = ApiError(400, str(e), param="strategy_params")
@@ -256,7 +312,8 @@ class Worker:
         for job in cancelled:
             engine = self.engines.get(job.model)
             if engine is not None:
-                engine.cancel(job.id)
+                for key in job.row_keys():
+                    engine.cancel(key)
             self._finish(job)
 
     def _step(self, name: str) -> None:
@@ -273,15 +330,43 @@ class Worker:
             return
         outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, TokenEvent]]] = {}
         for event in events:
-            job = self.running.get(event.row)
+            job = self.running.get(event.row[0])
             if job is None or job.cancelled:
                 continue
             event.logprobs = None  # the HTTP side reads plain values only
             outbox.setdefault(job.loop, []).append((job, event))
             if event.finish_reason is not None:
-                self._finish(job)
+                job.left -= 1
+                if not job.left:
+                    self._finish(job)
         for loop, items in outbox.items():  # one wake-up of the event loop per step
             loop.call_soon_threadsafe(_deliver, items)
+
+
+def score_prompt(engine: Engine, job: Job) -> PromptScores:
+    """The prompt's tokens scored with the distribution the job's strategy decodes from."""
+    import mlx.core as mx
+
+    from ..events import top_logprobs
+    from ..harness.scoring import PositionScorer
+
+    scorer = PositionScorer(engine.model, job.resolved.strategy)
+    tokens = job.prompt
+    logprobs: list[float | None] = [None]
+    tops: list[list[tuple[int, float]]] = [[]]
+    if len(tokens) > 1:
+        passed = scorer.forward(mx.array(tokens)[None])
+        for start in range(0, len(tokens) - 1, scorer.chunk):
+            positions = list(range(start, min(start + scorer.chunk, len(tokens) - 1)))
+            view = scorer.view(passed, mx.zeros(len(positions), dtype=mx.int32),
+                               mx.array(positions))  # fmt: skip
+            scores = scorer.logprobs(view)
+            targets = mx.array([tokens[p + 1] for p in positions])
+            picked, _ = scorer.pick(scores, targets)
+            mx.eval(picked, scores)
+            logprobs += picked.tolist()
+            tops += [top_logprobs(scores[i], job.echo or 0) for i in range(len(positions))]
+    return PromptScores(list(tokens), logprobs, tops)
 
 
 def _deliver(items: list[tuple[Job, TokenEvent]]) -> None:
