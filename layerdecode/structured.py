@@ -41,7 +41,8 @@ def _llguidance() -> Any:
         import llguidance
     except ImportError:
         raise ConfigError(
-            f"Structured output (response_format) needs llguidance: {INSTALL_HINT}."
+            "Structured output (response_format, tool_choice 'required') needs llguidance: "
+            f"{INSTALL_HINT}."
         ) from None
     return llguidance
 
