@@ -113,6 +113,7 @@ def with_chat_template(tokenizer: Any, template: str) -> Any:
     model family's tool-call markers and parser, as when it loads a model's tokenizer."""
     import os
     import tempfile
+    from pathlib import Path
 
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -131,4 +132,4 @@ def with_chat_template(tokenizer: Any, template: str) -> Any:
             hf.save_pretrained(folder)
         finally:
             hf.chat_template = before
-        return load_tokenizer(folder, eos_token_ids=list(tokenizer.eos_token_ids))
+        return load_tokenizer(Path(folder), eos_token_ids=list(tokenizer.eos_token_ids))
