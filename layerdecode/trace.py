@@ -162,7 +162,8 @@ class TraceWriter:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{path} is a file; a trace is a directory: choose another path.")
-        if not resume and path.is_dir() and any(path.iterdir()):
+        # A trace without parts holds no rows: a run that stopped before its first may reuse it.
+        if not resume and path.is_dir() and any(p.name != INFO for p in path.iterdir()):
             raise ConfigError(f"{path} exists and is not empty: choose another trace path.")
 
     def _open(self, resume: bool) -> str | None:

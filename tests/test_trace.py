@@ -94,6 +94,11 @@ def test_bad_paths_and_parts(tmp_path):
     with pytest.warns(UserWarning, match="part-000001.parquet: skipped"):
         table = read_trace(path)
     assert table.column("position").to_pylist() == [0, 1, 4, 5]
+    unused = tmp_path / "unused.parquet"
+    TraceWriter(unused)  # opened, never written: a run that stopped before its first row
+    with TraceWriter(unused) as writer:
+        write_rows(writer, 1)
+    assert read_trace(unused).num_rows == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     assert read_trace(empty).num_rows == 0 and read_trace(empty).column_names == list(COLUMNS)
