@@ -39,6 +39,7 @@ from .schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    check_logit_bias,
     check_messages,
     check_token_ids,
     completion_prompts,
@@ -234,6 +235,7 @@ class Handlers:
         tokenizer = self.worker.models[model][1]
         resolved = resolve_request_strategy(req.strategy, req.strategy_params, self.config.strategy)
         options = request_options(req, resolved, self.config.max_tokens_limit)
+        check_logit_bias(options, tokenizer)
         param = "messages" if chat else "prompt"
         loop = asyncio.get_running_loop()
         jobs = []

@@ -313,6 +313,19 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
+def check_logit_bias(options: GenerationOptions, tokenizer: Any) -> None:
+    """Every token a request's ``logit_bias`` names is in the vocabulary."""
+    vocab = len(getattr(tokenizer, "_tokenizer", tokenizer))
+    outside = sorted(t for t in options.logit_bias or {} if t >= vocab)
+    if outside:
+        raise ApiError(
+            400,
+            f"logit_bias names token {outside[0]}, outside this model's vocabulary "
+            f"(0..{vocab - 1}).",
+            param="logit_bias",
+        )
+
+
 def check_token_ids(tokens: Any, tokenizer: Any, param: str) -> list[int]:
     """Token ids a request gave, each in the tokenizer's vocabulary."""
     vocab = len(getattr(tokenizer, "_tokenizer", tokenizer))
