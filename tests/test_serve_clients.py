@@ -72,3 +72,44 @@ def test_the_llm_tool_prompts_and_chats(tmp_path, server):
     # The second request held the first exchange: its prompt is longer than the first
     # prompt and answer together (usage as the server reported it).
     assert second["input_tokens"] > first["input_tokens"] + first["output_tokens"]
+
+
+def test_lm_eval_local_completions_equals_layerdecode_lm_eval(server, monkeypatch):
+    """lm-eval's OpenAI-completions model scores a log-likelihood task through the server
+    (echo with logprobs, the tokenizer endpoints) as the in-process model does."""
+    import lm_eval
+    import lm_eval.models.openai_completions  # noqa: F401 - registers "local-completions"
+    from lm_eval.tasks import TaskManager
+
+    import layerdecode.harness  # noqa: F401 - registers "layerdecode"
+
+    monkeypatch.chdir(DATA.parent.parent.parent)  # the task's data path is relative
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(model, args):
+        return lm_eval.simple_evaluate(
+            model=model, model_args=args, tasks=["layerdecode_mc_local"],
+            task_manager=TaskManager(include_path=str(DATA)), log_samples=True, limit=6,
+        )  # fmt: skip
+
+    remote = run(
+        "local-completions",
+        f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=remote,"
+        "tokenized_requests=True,num_concurrent=1,max_retries=1",
+    )
+    local = run("layerdecode", f"model={MODEL},strategy=confident,batch_size=1")
+    theirs = remote["samples"]["layerdecode_mc_local"]
+    ours = local["samples"]["layerdecode_mc_local"]
+    assert len(theirs) == len(ours) == 6
+    for a, b in zip(theirs, ours, strict=True):
+        for (lp_a, greedy_a), (lp_b, greedy_b) in zip(
+            [r[0] for r in a["resps"]], [r[0] for r in b["resps"]], strict=True
+        ):
+            assert lp_a == pytest.approx(lp_b, rel=1e-4, abs=1e-4)
+            assert greedy_a == greedy_b
+    for metric in ("acc,none", "acc_norm,none"):
+        assert (
+            remote["results"]["layerdecode_mc_local"][metric]
+            == local["results"]["layerdecode_mc_local"][metric]
+        )
