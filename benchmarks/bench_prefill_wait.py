@@ -13,7 +13,8 @@ Two measures, each repeated ``--runs`` times (the median is printed last):
 The script starts its own server (the default model, on a free 127.0.0.1 port; ``--root``
 serves another checkout's layerdecode, e.g. an older commit unpacked with ``git archive``,
 with this environment's packages) or uses the one at ``--url``. The long prompt's length is
-calibrated once on the server (that request also warms it up).
+calibrated once on the server (that request also warms it up); each request's prompt begins
+with a line of its own, so that no prompt cache serves it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 
 LINE = "Line {i}: the quick brown fox jumps over the lazy dog near the old river bank.\n"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy, the model goes on counting
@@ -104,12 +106,17 @@ class Stream:
 
 
 def calibrate(url: str, target: int) -> tuple[str, int]:
-    """A prompt of about ``target`` tokens on the served model, and its exact length."""
+    """A prompt of about ``target`` tokens on the served model, and its length."""
     probe = "".join(LINE.format(i=i) for i in range(200))
-    tokens = completion_tokens(url, probe)
+    tokens = completion_tokens(url, unique(probe))
     lines = max(1, round(200 * target / tokens))
     prompt = "".join(LINE.format(i=i) for i in range(lines))
-    return prompt, completion_tokens(url, prompt)  # also warms the server up
+    return prompt, completion_tokens(url, unique(prompt))  # also warms the server up
+
+
+def unique(prompt: str) -> str:
+    """``prompt`` after a first line no other request has: no cached prefix to reuse."""
+    return f"Request {uuid.uuid4().hex}.\n{prompt}"
 
 
 def completion_tokens(url: str, prompt: str) -> int:
@@ -125,10 +132,10 @@ def completion_tokens(url: str, prompt: str) -> int:
 def short_wait(url: str, prompt: str, delay: float, short_tokens: int) -> tuple[float, float]:
     """(the long request's first token, the short one's), in seconds from each one's send."""
     long_first: list[float] = []
-    thread = threading.Thread(target=lambda: long_first.append(run_first(url, prompt, 1)))
+    thread = threading.Thread(target=lambda: long_first.append(run_first(url, unique(prompt), 1)))
     thread.start()
     time.sleep(delay)
-    short = run_first(url, "Say something short.", short_tokens)
+    short = run_first(url, unique("Say something short."), short_tokens)
     thread.join()
     return long_first[0], short
 
@@ -147,12 +154,13 @@ def run_first(url: str, prompt: str, max_tokens: int) -> float:
 def stream_gap(url: str, prompt: str) -> tuple[float, float]:
     """(the largest gap of a running stream while the long prompt is prefilled, the long
     request's first token)."""
-    running = Stream(url, COUNTING, 4000)
+    running = Stream(url, unique(COUNTING), 4000)
     try:
         for _ in range(3):
             running.next_chunk()
         long_first: list[float] = []
-        thread = threading.Thread(target=lambda: long_first.append(run_first(url, prompt, 1)))
+        long = unique(prompt)
+        thread = threading.Thread(target=lambda: long_first.append(run_first(url, long, 1)))
         since = len(running.arrivals) - 1
         thread.start()
         while thread.is_alive():
