@@ -10,7 +10,8 @@ import math
 import pytest
 
 from .test_serve import Server
-from .test_toolcalls import TOOLS_TEMPLATE, tools_tokenizer  # noqa: F401 - a fixture
+from .test_structured import PERSON
+from .test_toolcalls import TOOLS_TEMPLATE, WEATHER, tools_tokenizer  # noqa: F401 - a fixture
 
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (dev extra)")
 pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra")
@@ -20,27 +21,6 @@ pytestmark = [pytest.mark.real_model, pytest.mark.cross_process, pytest.mark.slo
 
 MODEL = "smollm2-135m-instruct"
 ORIGIN = "http://front-end.test"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 16},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 SCHEMA = {"name": "person", "schema": PERSON}
 
 
@@ -93,7 +73,7 @@ def test_json_schema_answers_all_validate_with_several_samples(server):
         "Describe a person as JSON.",
         n=3,
         temperature=0.9,
-        max_tokens=120,
+        max_tokens=160,
         response_format={
             "type": "json_schema",
             "json_schema": {"name": "person", "schema": PERSON},
