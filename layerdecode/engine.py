@@ -197,6 +197,11 @@ class Engine:
         """
         if len(plans) != len(keys) or not plans:
             raise ConfigError("Give one key per plan, and at least one plan.")
+        if self.quantize is not None:  # quantised caches run one row at a time
+            progress = kwargs.pop("progress", None)
+            for i, (plan, key) in enumerate(zip(plans, keys, strict=True)):
+                self.add(prompt, plan, key=key, progress=progress, **(kwargs if not i else {}))
+            return
         self.add(prompt, plans[0], key=keys[0], **kwargs)
         lead = self.waiting[-1]
         for plan, key in zip(plans[1:], keys[1:], strict=True):

@@ -131,6 +131,10 @@ def test_quantised_caches_run_rows_one_at_a_time_as_mlx_lm_does():
     engine.add(prompts[1], plan(n=3), on_cache=lambda t, c: kept.append(c))
     list(engine.run())
     assert type(kept[0][0]).__name__ == "QuantizedKVCache"
+    # Samples of one prompt cannot share batched quantised caches: one at a time too.
+    engine.add_samples(prompts[0], [plan(n=3), plan(n=3)], ["s0", "s1"])
+    order = [e.row for step in engine.run() for e in step]
+    assert order == ["s0"] * 3 + ["s1"] * 3
 
 
 def test_samples_of_one_prompt_share_one_prefill(model):

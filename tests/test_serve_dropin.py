@@ -201,6 +201,18 @@ def test_cors_and_the_tokenizer_endpoints(server):
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"n": 0}, "n"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:,"}}],
+                    }
+                ]
+            },
+            "messages",
+        ),  # fmt: skip
+        ({"top_p": 1.5}, "top_p"),
     ],
 )
 def test_bad_values_of_the_new_fields_are_400s(server, body, param):
@@ -217,3 +229,25 @@ def test_bad_token_prompts_are_400s(server):
     for prompt in ([10**9], [-1], [[]], [1.5]):
         status, data, _ = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 2})
         assert status == 400 and data["error"]["param"] == "prompt", (prompt, data)
+
+
+def test_what_mlx_lm_server_clients_send_is_read_as_it_reads_it(server):
+    # 0 turns top_p and the repetition penalty off; a tool may come without a description.
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "top_p": 0,
+        "repetition_penalty": 0,
+        "tools": [{"type": "function", "function": {"name": "f", "description": None}}],
+    }
+    status, data, _ = server.post("/v1/chat/completions", body)  # fmt: skip
+    assert status == 200, data
+    # A boolean logprobs on completions: false is none.
+    status, data, _ = server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2,
+                                                      "logprobs": False})  # fmt: skip
+    assert status == 200 and data["choices"][0]["logprobs"] is None
+    # The echoed prompt and the answer join as the tokenizer joins them (no space lost).
+    status, data, _ = server.post("/v1/completions", {
+        "prompt": "The capital of France is", "max_tokens": 3, "echo": True})  # fmt: skip
+    text = data["choices"][0]["text"]
+    assert text.startswith("The capital of France is ") and len(text) > 25

@@ -145,7 +145,7 @@ def limit_option(flag: str, default: int, high: int, help: str, *, low: int = 1)
     "--log-level",
     default="warning",
     show_default=True,
-    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
     help="uvicorn's log level ('info' logs every request).",
 )
 def serve_command(**kwargs: Any) -> None:

@@ -155,7 +155,7 @@ class Answer:
             text, calls = piece.text, piece.calls
         out: dict[str, Any] = {"role": "assistant"} if role and self.chat else {}
         if echo:
-            text = self.tokenizer.decode(self.job.prompt) + text
+            text = self._echoed(events, text)
         out["content" if self.chat else "text"] = text
         reasoning = "".join(e.reasoning for e in events)
         if reasoning:  # as mlx_lm.server: only when there is some
@@ -164,6 +164,17 @@ class Answer:
             choice.calls += [c.message() for c in calls]
             out["tool_calls"] = [c.delta() if key == "delta" else c.message() for c in calls]
         return {key: out} if self.chat else out
+
+    def _echoed(self, events: list[TokenEvent], text: str) -> str:
+        """The prompt's text, then ``text``: decoded together where that gives the same
+        answer, so that the space the answer's first token begins with is kept."""
+        prompt = self.tokenizer.decode(self.job.prompt)
+        tokens = [e.token for e in events if e.in_output]
+        if text and tokens:
+            whole = self.tokenizer.decode([*self.job.prompt, *tokens])
+            if whole.startswith(prompt) and whole.endswith(text):
+                return whole
+        return prompt + text
 
     def finish_reason(self, choice: Choice, events: list[TokenEvent]) -> str | None:
         reason = events[-1].finish_reason if events else None

@@ -9,7 +9,8 @@ or a shipped preset name, never a file path.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -81,26 +82,32 @@ class ApiError(Exception):
         }
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-    text: str
-
-
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str = Field(max_length=MAX_NAME_CHARS)
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None
     tool_calls: list[Any] | None = Field(None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def text(self, index: int = 0) -> str:
+        """The content's text; a part other than text (an image...) is a 400."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        texts = []
+        for part in self.content:
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a '{kind}' part" if isinstance(kind, str) else "a part without a type"
+                raise ApiError(
+                    400,
+                    f"messages[{index}].content has {what}: this server reads text parts "
+                    '({"type": "text", "text": ...}) only.',
+                    param="messages",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
 
 
 class StreamOptions(BaseModel):
@@ -201,6 +208,14 @@ class CompletionRequest(CommonRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_flag(cls, value: Any) -> Any:
+        # Some clients send a boolean: false is no logprobs, true the chosen tokens' only.
+        if isinstance(value, bool):
+            return 0 if value else None
+        return value
+
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
 
@@ -245,7 +260,7 @@ def check_messages(messages: list[Message]) -> list[dict[str, Any]]:
         if message.content is None:
             raise ApiError(400, f"messages[{i}] has no content.", param="messages")
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": message.text()})
+        out.append({"role": role, "content": message.text(i)})
     return out
 
 
@@ -287,10 +302,16 @@ def request_options(request: CommonRequest, resolved: Any, max_tokens_limit: int
         "stop": request.stop,
         **{name: getattr(request, name) for name in EXTRA_OPTIONS},
     }
+    # As mlx_lm.server reads them: 0 turns these off.
+    for name in ("top_p", "repetition_penalty"):
+        if values[name] == 0:
+            values[name] = None
     try:
         options = GenerationOptions.build(values).over(resolved.generation)
     except ConfigError as e:
-        raise ApiError(400, str(e)) from None
+        named = re.search(r"option (\w+)=", str(e))
+        field = named and {"temp": "temperature"}.get(named[1], named[1])
+        raise ApiError(400, str(e), param=field or None) from None
     limit = options.max_tokens_or_default()
     if limit == -1 or limit > max_tokens_limit:
         options = GenerationOptions.build(options, max_tokens=max_tokens_limit)
