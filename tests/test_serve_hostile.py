@@ -201,6 +201,15 @@ def test_a_request_waiting_past_the_queue_timeout_is_a_503_and_health_says_so(se
     assert server.wait_health("running", 0, timeout=5) < 3
 
 
+def test_a_refused_list_of_prompts_leaves_no_work_behind(server):
+    server.wait_health("running", 0)
+    body = {"prompt": ["w1"] * 64, "max_tokens": 2000}
+    status, data, _ = server.post("/v1/completions", body)
+    assert status == 429 and data["error"]["type"] == "rate_limit_error"
+    assert server.wait_health("running", 0, timeout=5) < 2
+    assert server.health()[1]["waiting"] == 0
+
+
 # --- hostile bodies -----------------------------------------------------------------------
 
 

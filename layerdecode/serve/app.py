@@ -256,9 +256,9 @@ class Handlers:
                     processors=processors, echo=(req.logprobs or 0) if echo else None)
             )  # fmt: skip
         answers = [Answer(job, tokenizer, chat=chat, tools=tools) for job in jobs]
-        for job in jobs:
-            self.worker.submit(job)
         try:
+            for job in jobs:  # a full queue refuses the rest: none is left running unread
+                self.worker.submit(job)
             if req.stream:
                 first = await self.next_events(request, jobs[0])
         except BaseException:
