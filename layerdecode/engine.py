@@ -324,11 +324,12 @@ class Engine:
     def _admit(self) -> list[Row]:
         """This step's share of prefill; the rows whose prompts are now in a cache.
 
-        While rows generate, at most ``prefill_step_size`` prompt tokens are processed per
-        step, so their streams keep flowing behind a long prompt. A prompt longer than that
-        is prefilled alone, one chunk per step, first come first served (the rows behind it
-        wait for it); shorter ones are prefilled together. With nothing running or in
-        progress, every short prompt waiting is prefilled at once.
+        A prompt longer than ``prefill_step_size`` is prefilled alone, one chunk per step,
+        long prompts first come first served. Shorter ones are prefilled together, up to
+        ``prefill_step_size`` tokens per step while other rows run or a long prompt is in
+        progress (all at once otherwise), and may pass a long prompt waiting its turn: a
+        short request does not wait for a long prefill, and the running streams wait for
+        at most a chunk and a step's short prompts between two tokens.
         """
         step = self.prefill_step_size
         if self.quantize is not None and self.rows:
@@ -337,28 +338,30 @@ class Engine:
         ready: list[Row] = []
         if self.prefilling is not None:
             row = self.prefilling
-            budget -= self._chunk(row, step)
+            self._chunk(row, step)
             if row.filled == len(row.prompt) - 1:
                 ready.append(row)
                 self.prefilling = None
         batch: list[Row] = []
         one_at_a_time = self.quantize is not None
-        while self.waiting and not (one_at_a_time and (ready or self.prefilling is not None)):
-            row = self.waiting[0]
+        for row in list(self.waiting):
+            if one_at_a_time and (ready or batch or self.prefilling is not None):
+                break
             need = len(row.prompt) - 1 - row.cached
             if need > step:
-                if self.prefilling is None and budget in (None, step):
-                    self.prefilling = self.waiting.pop(0)
+                if self.prefilling is None and not ready:
+                    self.waiting.remove(row)
+                    self.prefilling = row
                     self._start(row)
                     self._chunk(row, step)
-                break
+                    budget = step if budget is None else budget
+                continue
             if budget is not None:
                 if need > budget:
-                    break
+                    continue
                 budget -= need
-            batch.append(self.waiting.pop(0))
-            if one_at_a_time:
-                break
+            self.waiting.remove(row)
+            batch.append(row)
         alone = [r for r in batch if r.prompt_cache is not None or r.twins]
         together = [r for r in batch if r not in alone]
         if len(together) == 1:

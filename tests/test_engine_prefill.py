@@ -86,7 +86,7 @@ def test_a_row_cancelled_while_prefilled_frees_its_work_at_once(model):
     assert all(e.row != "long" for step in engine.run() for e in step)
 
 
-def test_a_long_prompt_waits_its_turn_and_short_ones_behind_it_follow(model):
+def test_short_prompts_pass_long_ones_which_keep_their_order(model):
     first, second, third = prompts_of_lengths(3 * CHUNK, 3 * CHUNK, 4, seed=11)
     engine = Engine(model, prefill_step_size=CHUNK)
     for key, p in (("a", first), ("b", second), ("c", third)):
@@ -96,8 +96,22 @@ def test_a_long_prompt_waits_its_turn_and_short_ones_behind_it_follow(model):
         for e in events:
             if e.row not in seen:
                 seen.append(e.row)
-    # First come, first served: "c" does not overtake the long prompt queued before it.
-    assert seen == ["a", "b", "c"]
+    # "c" does not wait for the long prefills queued before it; "b" waits for "a".
+    assert seen == ["c", "a", "b"]
+
+
+def test_a_short_request_behind_a_long_prefill_starts_at_once(model):
+    short, long, late = prompts_of_lengths(4, 10 * CHUNK, 5, seed=12)
+    engine = Engine(model, prefill_step_size=CHUNK)
+    engine.add(short, plan(n=40), key="running")
+    engine.step()
+    engine.add(long, plan(n=4), key="long")
+    engine.step()  # its first chunk
+    engine.add(late, plan(n=4), key="late")
+    engine.step()  # "late" is prefilled beside the long prompt's second chunk...
+    events = engine.step()  # ...and has its first token now, long before the long prompt
+    assert {e.row for e in events} == {"running", "late"}
+    assert engine.prefilling is not None and engine.prefilling.key == "long"
 
 
 def test_batch_generate_does_not_stall_behind_one_long_item(model):
