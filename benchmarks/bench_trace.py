@@ -6,9 +6,11 @@
 Each round runs the command's own generation (``layerdecode.cli.run.run_generate``, with
 ``--json`` so that nothing streams to the terminal) once without and once with a trace,
 in turn, the order swapped every round so that drifts in machine load hit both alike;
-both decode the same greedy tokens. The medians over rounds and their ratio are printed
+both decode the same greedy tokens. The medians over rounds, their ratio and the median
+of each round's ratio (which cancels drifts slower than a round) are printed
 per strategy (the trace's cost: the candidate entropies read from the device each step,
-a row per token, a Parquet part written every 4096 rows and on close).
+a row per token, a Parquet part written every 4096 rows and on close), with the share of
+the traced time spent in the trace writer itself, which machine load does not blur.
 """
 
 from __future__ import annotations
@@ -52,10 +54,25 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-trace-"))
     runs = 0
 
+    writing = [0.0]  # seconds spent in the trace writer, over every traced run
+
+    def clocked(method):
+        def call(*args, **kwargs):
+            tic = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                writing[0] += time.perf_counter() - tic
+
+        return call
+
     def timed(strategy, traced: bool) -> tuple[float, int]:
         nonlocal runs
         runs += 1
         trace = open_trace(str(work / f"run-{runs}.parquet"), tokenizer) if traced else None
+        if trace is not None:
+            trace.add_event = clocked(trace.add_event)
+            trace.close = clocked(trace.close)
         out = io.StringIO()
         tic = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -72,12 +89,16 @@ def main() -> None:
         return seconds, tokens
 
     print(f"{args.tokens} tokens at most, {args.repeats} rounds, trace files in {work}")
-    print(f"{'strategy':<12} {'tokens':>6} {'plain s':>8} {'trace s':>8} {'ratio':>7}")
+    print(
+        f"{'strategy':<12} {'tokens':>6} {'plain s':>8} {'trace s':>8} {'ratio':>7} "
+        f"{'paired':>7} {'writer':>7}"
+    )
     for name in args.strategies.split(","):
         strategy = resolve_strategy(name)
         timed(strategy, False)  # warm-ups: compiled kernels, caches, pyarrow's import
         timed(strategy, True)
         plain, traced, counts = [], [], set()
+        writing[0] = 0.0
         for round_ in range(args.repeats):
             order = (False, True) if round_ % 2 == 0 else (True, False)
             for with_trace in order:
@@ -85,8 +106,15 @@ def main() -> None:
                 (traced if with_trace else plain).append(seconds)
                 counts.add(tokens)
         a, b = statistics.median(plain), statistics.median(traced)
+        paired = statistics.median(t / p for t, p in zip(traced, plain, strict=True))
         count = "/".join(str(c) for c in sorted(counts))
-        print(f"{name:<12} {count:>6} {a:>8.3f} {b:>8.3f} {b / a:>7.3f}")
+        share = writing[0] / sum(traced)
+        print(
+            f"{name:<12} {count:>6} {a:>8.3f} {b:>8.3f} {b / a:>7.3f} {paired:>7.3f} {share:>7.2%}"
+        )
+    print("ratio: median traced time / median plain time; paired: median of each round's")
+    print("traced / plain; writer: share of the traced time spent adding rows and writing")
+    print("parts (the rest of a trace's cost is the engine's read of the candidate entropies)")
 
 
 if __name__ == "__main__":
