@@ -92,6 +92,7 @@ class Engine:
         self.groups: dict[str, Group] = {}
         self.waiting: list[Row] = []
         self.prefilling: Row | None = None  # a long prompt, prefilled a chunk per step
+        self.yielded = False  # the last step left the long prompt for short ones
         self.rows: list[Row] = []  # the rows of ``upcoming``, in cache order
         self.cache: list[Any] | None = None
         self.batched = False  # the caches are mlx-lm's batch caches
@@ -327,41 +328,45 @@ class Engine:
         A prompt longer than ``prefill_step_size`` is prefilled alone, one chunk per step,
         long prompts first come first served. Shorter ones are prefilled together, up to
         ``prefill_step_size`` tokens per step while other rows run or a long prompt is in
-        progress (all at once otherwise), and may pass a long prompt waiting its turn: a
-        short request does not wait for a long prefill, and the running streams wait for
-        at most a chunk and a step's short prompts between two tokens.
+        progress (all at once otherwise), and pass the long prompts: a step that prefills
+        short ones skips the long prompt's chunk (never two steps running), so a short
+        request waits for at most the chunk in progress, and the running streams for a
+        chunk or a step's short prompts between two tokens.
         """
         step = self.prefill_step_size
         if self.quantize is not None and self.rows:
             return []  # quantised caches: the next row starts when this one ends
         budget = step if self.rows or self.prefilling is not None else None  # None: no limit
+        # The short prompts first: one that came while a chunk was running waits no more.
+        batch: list[Row] = []
+        one_at_a_time = self.quantize is not None
+        for row in list(self.waiting):
+            if one_at_a_time and (batch or self.prefilling is not None):
+                break
+            need = len(row.prompt) - 1 - row.cached
+            if need > step or (budget is not None and need > budget):
+                continue
+            if budget is not None:
+                budget -= need
+            self.waiting.remove(row)
+            batch.append(row)
         ready: list[Row] = []
-        if self.prefilling is not None:
+        if self.prefilling is None and not (one_at_a_time and batch):
+            row = next((r for r in self.waiting if len(r.prompt) - 1 - r.cached > step), None)
+            if row is not None:  # the next long prompt, in the order they came
+                self.waiting.remove(row)
+                self.prefilling = row
+                self._start(row)
+        # A step that prefills short prompts gives them the step's time; the long prompt
+        # goes on at the next (every other step at least, whatever keeps coming).
+        yields = bool(batch) and not self.yielded and self.prefilling is not None
+        self.yielded = yields
+        if self.prefilling is not None and not yields:
             row = self.prefilling
             self._chunk(row, step)
             if row.filled == len(row.prompt) - 1:
                 ready.append(row)
                 self.prefilling = None
-        batch: list[Row] = []
-        one_at_a_time = self.quantize is not None
-        for row in list(self.waiting):
-            if one_at_a_time and (ready or batch or self.prefilling is not None):
-                break
-            need = len(row.prompt) - 1 - row.cached
-            if need > step:
-                if self.prefilling is None and not ready:
-                    self.waiting.remove(row)
-                    self.prefilling = row
-                    self._start(row)
-                    self._chunk(row, step)
-                    budget = step if budget is None else budget
-                continue
-            if budget is not None:
-                if need > budget:
-                    continue
-                budget -= need
-            self.waiting.remove(row)
-            batch.append(row)
         alone = [r for r in batch if r.prompt_cache is not None or r.twins]
         together = [r for r in batch if r not in alone]
         if len(together) == 1:

@@ -108,10 +108,21 @@ def test_a_short_request_behind_a_long_prefill_starts_at_once(model):
     engine.add(long, plan(n=4), key="long")
     engine.step()  # its first chunk
     engine.add(late, plan(n=4), key="late")
-    engine.step()  # "late" is prefilled beside the long prompt's second chunk...
-    events = engine.step()  # ...and has its first token now, long before the long prompt
+    filled = engine.prefilling.filled
+    engine.step()  # "late" is prefilled, and the long prompt waits for this step...
+    assert engine.prefilling.filled == filled
+    events = engine.step()  # ...so it has its first token now, long before the long prompt
     assert {e.row for e in events} == {"running", "late"}
     assert engine.prefilling is not None and engine.prefilling.key == "long"
+    # Short prompts coming at every step do not starve the long one: it goes on every
+    # other step at least.
+    moved = 0
+    for i in range(6):
+        before = engine.prefilling.filled
+        engine.add(late, plan(n=2), key=("more", i))
+        engine.step()
+        moved += engine.prefilling.filled > before
+    assert moved == 3
 
 
 def test_batch_generate_does_not_stall_behind_one_long_item(model):
