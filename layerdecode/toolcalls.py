@@ -235,9 +235,7 @@ def check_tools(tools: Any) -> list[dict[str, Any]] | None:
         if name in names:
             raise ConfigError(f"{where}.function.name '{name}' is given twice.")
         names.add(name)
-        if function.get("description") is not None and not isinstance(
-            function["description"], str
-        ):
+        if function.get("description") is not None and not isinstance(function["description"], str):
             raise ConfigError(f"{where}.function.description must be a string.")
         parameters = function.get("parameters")
         if parameters is not None and not isinstance(parameters, Mapping):
