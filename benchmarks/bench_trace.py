@@ -6,11 +6,11 @@
 Each round runs the command's own generation (``layerdecode.cli.run.run_generate``, with
 ``--json`` so that nothing streams to the terminal) once without and once with a trace,
 in turn, the order swapped every round so that drifts in machine load hit both alike;
-both decode the same greedy tokens. The medians over rounds, their ratio and the median
-of each round's ratio (which cancels drifts slower than a round) are printed
-per strategy (the trace's cost: the candidate entropies read from the device each step,
-a row per token, a Parquet part written every 4096 rows and on close), with the share of
-the traced time spent in the trace writer itself, which machine load does not blur.
+both decode the same greedy tokens. Printed per strategy: the median times and their
+ratio, the median of each round's ratio (which cancels drifts slower than a round), the
+ratio of this process's CPU times, and the share of the traced time spent in the trace
+writer itself. A trace costs the candidate entropies read from the device each step, a
+row per token, and a Parquet part written every 4096 rows and on close.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
 
         return call
 
-    def timed(strategy, traced: bool) -> tuple[float, int]:
+    def timed(strategy, traced: bool) -> tuple[float, float, int]:
         nonlocal runs
         runs += 1
         trace = open_trace(str(work / f"run-{runs}.parquet"), tokenizer) if traced else None
@@ -74,47 +74,53 @@ def main() -> None:
             trace.add_event = clocked(trace.add_event)
             trace.close = clocked(trace.close)
         out = io.StringIO()
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             run_generate(
                 model, tokenizer, prompt, strategy, options,
                 as_json=True, show_layers=False, model_name="bench", trace=trace,
             )  # fmt: skip
-        seconds = time.perf_counter() - tic
+        seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
         import json
 
         tokens = len(json.loads(out.getvalue())["tokens"])
         if traced:
             assert read_trace(work / f"run-{runs}.parquet").num_rows == tokens
-        return seconds, tokens
+        return seconds, cpu, tokens
 
     print(f"{args.tokens} tokens at most, {args.repeats} rounds, trace files in {work}")
     print(
         f"{'strategy':<12} {'tokens':>6} {'plain s':>8} {'trace s':>8} {'ratio':>7} "
-        f"{'paired':>7} {'writer':>7}"
+        f"{'paired':>7} {'cpu':>7} {'writer':>7}"
     )
     for name in args.strategies.split(","):
         strategy = resolve_strategy(name)
         timed(strategy, False)  # warm-ups: compiled kernels, caches, pyarrow's import
         timed(strategy, True)
         plain, traced, counts = [], [], set()
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         writing[0] = 0.0
         for round_ in range(args.repeats):
             order = (False, True) if round_ % 2 == 0 else (True, False)
             for with_trace in order:
-                seconds, tokens = timed(strategy, with_trace)
+                seconds, spent, tokens = timed(strategy, with_trace)
                 (traced if with_trace else plain).append(seconds)
+                cpu[with_trace].append(spent)
                 counts.add(tokens)
         a, b = statistics.median(plain), statistics.median(traced)
         paired = statistics.median(t / p for t, p in zip(traced, plain, strict=True))
         count = "/".join(str(c) for c in sorted(counts))
         share = writing[0] / sum(traced)
+        cpu_ratio = statistics.median(cpu[True]) / statistics.median(cpu[False])
         print(
-            f"{name:<12} {count:>6} {a:>8.3f} {b:>8.3f} {b / a:>7.3f} {paired:>7.3f} {share:>7.2%}"
+            f"{name:<12} {count:>6} {a:>8.3f} {b:>8.3f} {b / a:>7.3f} {paired:>7.3f} "
+            f"{cpu_ratio:>7.3f} {share:>7.2%}"
         )
-    print("ratio: median traced time / median plain time; paired: median of each round's")
-    print("traced / plain; writer: share of the traced time spent adding rows and writing")
-    print("parts (the rest of a trace's cost is the engine's read of the candidate entropies)")
+    print("ratio: median traced wall time / median plain; paired: median of each round's")
+    print("traced / plain; cpu: the same ratio in this process's CPU time (less blurred by")
+    print("other processes); writer: share of the traced time spent adding rows and")
+    print("writing parts (the rest of a trace's cost is the engine's read of the candidate")
+    print("entropies)")
 
 
 if __name__ == "__main__":
