@@ -226,7 +226,7 @@ def serve_command(**kwargs: Any) -> None:
         max_batch=kwargs["max_batch"],
         max_queue=kwargs["max_queue"],
         queue_timeout=kwargs["queue_timeout"] or None,
-        prefill_step_size=kwargs["prefill_step_size"] or default_prefill_step(),
+        prefill_step_size=kwargs["prefill_step_size"],
         prompt_cache=PromptCache(kwargs["prompt_cache_size"], kwargs["prompt_cache_bytes"]),
         engine_options=engine_options,
     )
@@ -299,9 +299,3 @@ def _leave(code: int) -> None:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def default_prefill_step() -> int:
-    import mlx.core as mx
-
-    return 512 if mx.default_device() == mx.cpu else 2048

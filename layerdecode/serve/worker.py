@@ -99,7 +99,8 @@ class Worker:
     ``models`` maps each served model's id to its ``(model, tokenizer)``; the first is the
     default. At most ``max_batch`` jobs generate at once, over all models. A job that waits
     in the queue longer than ``queue_timeout`` seconds (``None``: no limit) is ended by
-    :meth:`expire`; ``prefill_step_size`` is the engines' prompt tokens per forward pass.
+    :meth:`expire`; ``prefill_step_size`` is the engines' prompt tokens per forward pass
+    (default: :func:`default_prefill_step`).
     Finished requests' caches are kept in ``prompt_cache`` for later prompts that share a
     prefix; ``engine_options`` go to each :class:`~layerdecode.engine.Engine`.
     """
@@ -111,7 +112,7 @@ class Worker:
         max_batch: int = 16,
         max_queue: int = 64,
         queue_timeout: float | None = None,
-        prefill_step_size: int = 2048,
+        prefill_step_size: int | None = None,
         prompt_cache: PromptCache | None = None,
         engine_options: dict[str, Any] | None = None,
     ) -> None:
@@ -122,7 +123,7 @@ class Worker:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self.prefill_step_size = prefill_step_size
+        self.prefill_step_size = prefill_step_size or default_prefill_step()
         self.prompt_cache = prompt_cache or PromptCache(0)
         self.engine_options = engine_options or {}  # kv_bits...
         self.waiting: deque[Job] = deque()
@@ -341,6 +342,14 @@ class Worker:
                     self._finish(job)
         for loop, items in outbox.items():  # one wake-up of the event loop per step
             loop.call_soon_threadsafe(_deliver, items)
+
+
+def default_prefill_step() -> int:
+    """2048 prompt tokens per chunk on a GPU (mlx_lm.server's), 512 on the CPU, where a chunk
+    of 2048 holds the running streams for about a minute."""
+    import mlx.core as mx
+
+    return 512 if mx.default_device() == mx.cpu else 2048
 
 
 def score_prompt(engine: Engine, job: Job) -> PromptScores:
