@@ -8,6 +8,7 @@ entropy, "changed" flag and head rows of each of its tokens.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,12 +16,6 @@ from ..engine import TokenEvent
 from ..layerstats import token_stats
 from ..toolcalls import ToolCallSplitter
 from .worker import Job, PromptScores
-
-
-def now() -> int:
-    import time
-
-    return int(time.time())
 
 
 class Choice:
@@ -51,7 +46,7 @@ class Answer:
         self.chat = chat
         self.tokenizer = tokenizer
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job.id}"
-        self.created = now()
+        self.created = int(time.time())
         self.choices = [
             Choice(i, ToolCallSplitter.for_tokenizer(tokenizer, tools) if tools else None)
             for i in range(job.n)

@@ -81,9 +81,9 @@ class Job:
             if i and options.seed is not None:
                 options = GenerationOptions.build(options, seed=options.seed + i)
             processors = self.processors[i] if i < len(self.processors) else ()
-            plan = Plan(self.resolved, options, logits_processors=processors,
-                        logprobs=self.logprobs)  # fmt: skip
-            plans.append(plan)
+            plans.append(
+                Plan(self.resolved, options, logits_processors=processors, logprobs=self.logprobs)
+            )
         return plans
 
     def row_keys(self) -> list[tuple[int, int]]:
